@@ -1,0 +1,3 @@
+from diffprune.cli import main
+
+main()

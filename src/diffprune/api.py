@@ -1,0 +1,208 @@
+"""The public Python API: train, evaluate and predict. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from diffprune import __version__
+from diffprune.base import BaseModel, load_base
+from diffprune.errors import DiffpruneError
+from diffprune.glue import (
+    TaskSpec,
+    TokenizedDataset,
+    compute_metrics,
+    get_task,
+    load_split,
+    make_collator,
+    predictions_from_logits,
+    write_submission,
+)
+from diffprune.io import write_json
+from diffprune.methods import build_method
+from diffprune.methods.registry import Method
+from diffprune.training.checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_output,
+    save_settings,
+)
+from diffprune.training.logger import RunLogger
+from diffprune.training.loop import LoopContext, predict_logits, run_phases
+from diffprune.training.settings import TrainSettings
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: TokenizedDataset | None
+    dev: dict[str, TokenizedDataset]
+
+
+def load_task_data(spec: TaskSpec, base: BaseModel, settings: TrainSettings, with_train: bool = True) -> TaskData:
+    def tokenized(split: str, limit: int | None) -> TokenizedDataset:
+        examples = load_split(spec, split, settings.data_dir)
+        return TokenizedDataset(examples[:limit] if limit else examples, base.tokenizer, settings.max_seq_length)
+
+    train = tokenized("train", settings.max_train_samples) if with_train else None
+    dev = {split: tokenized(split, settings.max_eval_samples) for split in spec.dev_splits}
+    return TaskData(spec, train, dev)
+
+
+def dev_metrics(model, data: TaskData, collator, accelerator: Accelerator, batch_size: int) -> dict[str, float]:
+    """Metrics of every dev split; the first split's are unprefixed and give "score"."""
+    result: dict[str, float] = {}
+    for i, (split, dataset) in enumerate(data.dev.items()):
+        logits = predict_logits(model, dataset, collator, accelerator, batch_size)
+        labels = [e.label for e in dataset.examples]
+        metrics = compute_metrics(data.spec, predictions_from_logits(data.spec, logits), labels)
+        result.update(metrics if i == 0 else {f"{split}_{k}": v for k, v in metrics.items()})
+    return result
+
+
+def train(settings: TrainSettings, method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one task with one method; returns the run record (also written to OUTPUT/run.json)."""
+    if not settings.output:
+        raise DiffpruneError("--output is required: the folder for everything the run writes")
+    output = Path(settings.output)
+    spec = get_task(settings.task)
+    method = build_method(settings.method, method_options)
+    computation = {**settings.computation(), "method_options": _jsonable_options(method)}
+    prepare_output(output, overwrite=settings.overwrite, resume=settings.resume)
+    if settings.resume and (output / "settings.json").exists():
+        check_resumable(output, computation)
+    save_settings(output, computation)
+
+    started = time.perf_counter()
+    set_seed(settings.seed)  # before the model loads: the fresh head's init depends on it
+    base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
+    data = load_task_data(spec, base, settings)
+    model = method.prepare(base)
+    phases = method.phases(model, base, settings)
+    # A later phase may train fewer parameters than DDP saw at wrap time.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(phases) > 1)
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision, kwargs_handlers=[ddp])
+    wrapped = accelerator.prepare_model(model)
+    collator = make_collator(base.tokenizer)
+
+    checkpoint_path = latest_checkpoint(output) if settings.resume else None
+    resume = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    logger = RunLogger(output, accelerator.is_main_process, resume.progress.global_step if resume else None)
+    ctx = LoopContext(
+        accelerator=accelerator,
+        model=wrapped,
+        train_set=data.train,
+        collator=collator,
+        evaluate=lambda: dev_metrics(wrapped, data, collator, accelerator, settings.eval_batch_size),
+        trainable_state=lambda: method.trainable_state(model),
+        load_trainable_state=lambda state: method.load_trainable_state(model, state),
+        output=output,
+        logger=logger,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        max_grad_norm=settings.max_grad_norm,
+        checkpoint_every=settings.checkpoint_every,
+        log_every=settings.log_every,
+    )
+    try:
+        progress = run_phases(ctx, phases, resume)
+    finally:
+        logger.close()
+
+    final = dev_metrics(wrapped, data, collator, accelerator, settings.eval_batch_size)
+    record = {
+        "diffprune_version": __version__,
+        "model": base.name,
+        "fingerprint": base.fingerprint,
+        "task": spec.name,
+        "method": method.name,
+        "method_options": _jsonable_options(method),
+        "settings": settings.to_dict(),
+        "metric": spec.main_metric,
+        "score": final["score"],
+        "dev": final,
+        "evals": progress.evals,
+        "trainable_params": method.trainable_params(model),
+        "base_params": base.num_base_params,
+        "train_examples": len(data.train),
+        "steps": progress.global_step,
+        "seconds": round(progress.seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": peak_rss_mb(),
+        "device": device_name(accelerator),
+        "num_processes": accelerator.num_processes,
+        **method.record_extras(model, base),
+    }
+    if accelerator.is_main_process:
+        if settings.save_model:
+            record["files"] = method.save(model, base, output, record)
+        write_json(output / "run.json", record)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return record
+
+
+def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):
+    """Rebuild a finished run's model from its folder, ready to evaluate or predict."""
+    run = Path(run_dir) if run_dir else None
+    if run is None or not (run / "run.json").exists():
+        raise DiffpruneError(f"{run} is not a finished run folder (no run.json); pass --run DIR")
+    saved = json.loads((run / "settings.json").read_text())
+    settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.__dataclass_fields__})
+    settings.data_dir, settings.eval_batch_size = data_dir, batch_size
+    spec = get_task(settings.task)
+    method = build_method(settings.method, saved.get("method_options"))
+    base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
+    model = method.load_artifact(base, run)
+    return settings, spec, base, model
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None, batch_size: int = 128,
+                 split: str | None = None) -> dict[str, float]:
+    settings, spec, base, model = load_run(run_dir, data_dir, batch_size)
+    settings.max_eval_samples = None
+    data = load_task_data(spec, base, settings, with_train=False)
+    if split is not None:
+        if split not in data.dev:
+            raise DiffpruneError(f"{spec.name} has no dev split '{split}'; choose one of {', '.join(data.dev)}")
+        data.dev = {split: data.dev[split]}
+    return dev_metrics(model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
+
+
+def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = None,
+                batch_size: int = 128) -> list[Path]:
+    """Predict the test split(s) and write GLUE submission files into `output`."""
+    settings, spec, base, model = load_run(run_dir, data_dir, batch_size)
+    accelerator, collator, paths = Accelerator(), make_collator(base.tokenizer), []
+    for split in spec.test_splits:
+        examples = load_split(spec, split, data_dir)
+        dataset = TokenizedDataset(examples, base.tokenizer, settings.max_seq_length)
+        logits = predict_logits(model, dataset, collator, accelerator, batch_size)
+        paths.append(write_submission(spec, split, examples, predictions_from_logits(spec, logits), output))
+    return paths
+
+
+def _jsonable_options(method: Method) -> dict[str, Any]:
+    return json.loads(json.dumps(vars(method.config), default=str))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
+
+
+def device_name(accelerator: Accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name(accelerator.device)
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"

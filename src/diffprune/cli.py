@@ -1,0 +1,157 @@
+"""Command line: a thin layer over diffprune.api.
+
+Options are generated from the settings dataclass and from every registered method's options
+dataclass, so the help text lives in one place and a new method needs no edit here. Settings
+come from `--config FILE` (JSON or TOML) and from flags; flags win.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from diffprune.errors import DiffpruneError
+from diffprune.methods import METHODS
+from diffprune.training.settings import TrainSettings
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": str}
+
+
+def _click_option(f) -> click.Option:
+    kind = f.type.replace(" | None", "").replace("None | ", "")
+    flag = "--" + f.name.replace("_", "-")
+    default = None if f.default is MISSING else f.default
+    if kind == "bool":
+        return click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=f.metadata["help"])
+    show = default not in (None, "", [])
+    return click.Option([flag], type=_TYPES[kind], default=None, help=f.metadata["help"]
+                        + (f" [default: {default}]" if show else ""))
+
+
+def _method_fields() -> dict[str, Any]:
+    """Every method option by name (methods may share one, like a budget)."""
+    found: dict[str, Any] = {}
+    for cls in METHODS.values():
+        for f in fields(cls.Config):
+            found.setdefault(f.name, f)
+    return found
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    try:
+        text = p.read_text()
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except FileNotFoundError:
+        raise DiffpruneError(f"config file {p} does not exist")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise DiffpruneError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}")
+    if not isinstance(data, dict):
+        raise DiffpruneError(f"config file {p} must hold a table of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def split_settings(values: dict[str, Any]) -> tuple[TrainSettings, dict[str, Any]]:
+    """Separate run settings from method options; reject names that are neither."""
+    setting_names = {f.name for f in fields(TrainSettings)}
+    method_names = set(_method_fields())
+    unknown = sorted(set(values) - setting_names - method_names)
+    if unknown:
+        raise DiffpruneError(f"unknown setting '{unknown[0]}' (see `diffprune train --help`)")
+    settings = TrainSettings(**{k: v for k, v in values.items() if k in setting_names})
+    return settings, {k: v for k, v in values.items() if k in method_names}
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except DiffpruneError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="diffprune")
+def main() -> None:
+    """diffprune: learn each task as a tiny sparse patch on one shared, frozen base model."""
+
+
+def _train(config: str | None, **flags: Any) -> None:
+    from diffprune.api import train
+
+    values = _load_config(config)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    settings, options = split_settings(values)
+    record = train(settings, options)
+    if record.get("num_processes", 1) > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+    click.echo(f"dev {record['metric']}: {record['score']:.4f}  ({record['task']}, {record['method']}, "
+               f"{record['trainable_params']:,} trainable parameters, {record['seconds']:.0f} s)")
+    for line in record.get("summary", []):
+        click.echo(line)
+    click.echo(f"run written to {settings.output}")
+
+
+train_command = click.Command(
+    "train",
+    callback=lambda **kw: _run(_train, **kw),
+    help="Train one GLUE task with one method; writes the run record, logs and artifact to --output.",
+    params=[click.Option(["--config"], type=click.Path(dir_okay=False),
+                         help="JSON or TOML file of settings (keys as the option names); flags win.")]
+    + [_click_option(f) for f in fields(TrainSettings)]
+    + [_click_option(f) for f in _method_fields().values()],
+)
+main.add_command(train_command)
+
+
+@main.command("methods")
+def methods_command() -> None:
+    """List the registered methods and their options."""
+    for name, cls in sorted(METHODS.items()):
+        opts = ", ".join("--" + f.name.replace("_", "-") for f in fields(cls.Config)) or "no options"
+        click.echo(f"{name:14s} {cls.summary}  [{opts}]")
+
+
+def _eval_options(fn):
+    fn = click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A finished run folder.")(fn)
+    fn = click.option("--data-dir", help="GLUE folder; default: $GLUE_DIR, else the HF hub.")(fn)
+    fn = click.option("--batch-size", type=int, default=128, show_default=True, help="Evaluation batch size.")(fn)
+    return fn
+
+
+@main.command("eval")
+@_eval_options
+@click.option("--split", default=None, help="Dev split to score (default: every dev split of the task).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_command(run_dir, data_dir, batch_size, split, as_json) -> None:
+    """Score a trained run on the task's dev set(s)."""
+    from diffprune.api import evaluate_run
+
+    metrics = _run(evaluate_run, run_dir, data_dir=data_dir, batch_size=batch_size, split=split)
+    click.echo(json.dumps(metrics, indent=2) if as_json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+@main.command("predict")
+@_eval_options
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the submission files.")
+def predict_command(run_dir, data_dir, batch_size, output) -> None:
+    """Write the task's test predictions in the GLUE server's submission format."""
+    from diffprune.api import predict_run
+
+    for path in _run(predict_run, run_dir, output, data_dir=data_dir, batch_size=batch_size):
+        click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

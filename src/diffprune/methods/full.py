@@ -1,0 +1,46 @@
+"""Full finetuning: every parameter trains. The baseline every other method is measured against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from diffprune.base import BaseModel, load_base
+from diffprune.methods.registry import Method, register
+from diffprune.training.phases import Phase, standard_groups
+from diffprune.training.settings import TrainSettings
+
+
+@register
+class FullFinetune(Method):
+    name = "full"
+    summary = "full finetuning: all parameters train (a full model copy per task)"
+
+    def prepare(self, base: BaseModel) -> nn.Module:
+        base.model.requires_grad_(True)
+        return base.model
+
+    def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
+        return [single_phase(model, base, s)]
+
+    def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
+        model.save_pretrained(output / "model")
+        base.tokenizer.save_pretrained(output / "model")
+        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / "model").iterdir())}
+
+    def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
+        return load_base(output / "model", base.model.config.num_labels, labels=base.labels,
+                         regression=base.model.config.problem_type == "regression").model
+
+
+def single_phase(model: nn.Module, base: BaseModel, s: TrainSettings) -> Phase:
+    """The one-phase schedule shared by the dense baselines."""
+    head_lr = s.head_lr if s.head_lr is not None else s.lr
+    return Phase(
+        name="finetune",
+        param_groups=lambda: standard_groups(model.named_parameters(), base.head_names, s.lr, head_lr, s.weight_decay),
+        epochs=s.epochs,
+        max_steps=s.max_steps,
+        warmup_ratio=s.warmup_ratio,
+    )

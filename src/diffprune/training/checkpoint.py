@@ -1,0 +1,148 @@
+"""Resumable checkpoints and the guard that keeps one run from overwriting another.
+
+A checkpoint is a folder `checkpoints/step-N` holding the method's trainable state
+(safetensors), the optimiser, scheduler and RNG state (torch.save, loaded weights_only), the
+best-so-far snapshot and the loop's progress (JSON). It is written under a temporary name and
+renamed into place, and `checkpoints/latest` is replaced atomically, so a run killed at any
+moment (SIGKILL included) leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffprune.errors import DiffpruneError
+from diffprune.io import write_json, write_text
+
+# What a finished or interrupted run leaves behind; any of these makes a folder "used".
+RUN_MARKERS = ("run.json", "settings.json", "checkpoints")
+
+
+@dataclass
+class Progress:
+    phase: int = 0  # index of the phase in progress
+    phase_step: int = 0  # optimiser steps done in that phase
+    global_step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)  # every dev evaluation so far
+    seconds: float = 0.0  # training time spent before this checkpoint (for the record's wall time)
+
+
+def prepare_output(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix runs in one folder unless the user said which way to go."""
+    used = [m for m in RUN_MARKERS if (output / m).exists()]
+    if resume:
+        if not latest_checkpoint(output) and not (output / "settings.json").exists():
+            raise DiffpruneError(f"--resume: {output} holds no run to resume")
+        return
+    if used and not overwrite:
+        raise DiffpruneError(f"{output} already holds a run ({used[0]}); pass --overwrite to replace it or --resume to continue it")
+    if overwrite:
+        for m in RUN_MARKERS + ("log.csv", "tensorboard", "best.safetensors"):
+            path = output / m
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    pointer = output / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = output / "checkpoints" / pointer.read_text().strip()
+    if not (path / "progress.json").exists():
+        raise DiffpruneError(f"checkpoint {path} named by {pointer} is missing or incomplete")
+    return path
+
+
+def save_checkpoint(
+    output: Path,
+    progress: Progress,
+    trainable: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> Path:
+    root = output / "checkpoints"
+    name = f"step-{progress.global_step}"
+    tmp = root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(_contiguous(trainable), tmp / "trainable.safetensors")
+    if best is not None:
+        save_file(_contiguous(best), tmp / "best.safetensors")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / "state.pt",
+    )
+    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text(root / "latest", name)
+    for old in root.glob("step-*"):  # only the newest is needed to resume
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    progress: Progress
+    trainable: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    state: dict[str, Any]
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.state["rng"])
+        if self.state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.state["cuda_rng"])
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    try:
+        progress = Progress(**json.loads((path / "progress.json").read_text()))
+        trainable = load_file(path / "trainable.safetensors")
+        best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
+        state = torch.load(path / "state.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise DiffpruneError(f"checkpoint {path} is unreadable: {e}") from e
+    return Checkpoint(path, progress, trainable, best, state)
+
+
+def save_settings(output: Path, settings: dict[str, Any]) -> None:
+    write_json(output / "settings.json", settings)
+
+
+def check_resumable(output: Path, computation: dict[str, Any]) -> None:
+    """A resumed run must compute the same thing as the run it continues."""
+    saved = json.loads((output / "settings.json").read_text())
+    changed = sorted(k for k in computation if saved.get(k) != computation[k])
+    if changed:
+        k = changed[0]
+        raise DiffpruneError(
+            f"--resume: setting '{k}' is {computation[k]!r} but the run in {output} used {saved.get(k)!r}"
+        )
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -1,0 +1,189 @@
+"""The one training loop: phases on HF Accelerate, dev evaluation, best-keeping, checkpoints.
+
+Determinism is what makes `--resume` exact: each epoch's order comes from its own seeded
+generator, no DataLoader touches the global RNG, and the RNG state is checkpointed, so a run
+killed at any step and resumed reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from diffprune.errors import TrainingDiverged
+from diffprune.training.checkpoint import Checkpoint, Progress, save_checkpoint
+from diffprune.training.logger import RunLogger
+from diffprune.training.phases import Phase, build_optimizer, build_scheduler
+
+
+@dataclass
+class LoopContext:
+    accelerator: Accelerator
+    model: nn.Module  # as prepared by Accelerate (DDP-wrapped when distributed)
+    train_set: Dataset
+    collator: Callable
+    evaluate: Callable[[], dict[str, float]]  # dev metrics of the current model, incl. "score"
+    trainable_state: Callable[[], dict[str, torch.Tensor]]
+    load_trainable_state: Callable[[dict[str, torch.Tensor]], None]
+    output: Path
+    logger: RunLogger
+    seed: int
+    batch_size: int
+    max_grad_norm: float
+    checkpoint_every: int
+    log_every: int
+
+
+def epoch_order(n: int, batch_size: int, seed: int, phase: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch; a pure function of its arguments."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def shard(indices: list[int], accelerator: Accelerator) -> list[int]:
+    """This process's share of a global batch (the same global batch on any number of processes)."""
+    return indices[accelerator.process_index :: accelerator.num_processes]
+
+
+def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None) -> Progress:
+    acc = ctx.accelerator
+    progress = resume.progress if resume else Progress()
+    clock = time.perf_counter() - progress.seconds
+    steps_per_epoch = math.ceil(len(ctx.train_set) / ctx.batch_size)
+    best = resume.best if resume else None
+
+    for index, phase in enumerate(phases):
+        if index < progress.phase:
+            continue
+        resuming = resume is not None and index == progress.phase
+        if resuming:
+            ctx.load_trainable_state(resume.trainable)
+        else:
+            progress.phase, progress.phase_step, progress.best_score, progress.best_step = index, 0, None, None
+            best = None
+            if phase.on_start:
+                phase.on_start()
+        groups = phase.param_groups()
+        total = phase.total_steps(steps_per_epoch)
+        optimizer = build_optimizer(groups)
+        scheduler = build_scheduler(optimizer, groups, total, phase.warmup_ratio)
+        if resuming:
+            optimizer.load_state_dict(resume.state["optimizer"])
+            scheduler.load_state_dict(resume.state["scheduler"])
+            resume.restore_rng()
+        optimizer = acc.prepare_optimizer(optimizer)
+
+        def checkpoint() -> None:
+            progress.seconds = time.perf_counter() - clock
+            if acc.is_main_process:
+                save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler)
+            acc.wait_for_everyone()
+
+        def evaluate() -> None:
+            nonlocal best
+            metrics = ctx.evaluate()
+            epoch = progress.phase_step / steps_per_epoch
+            progress.evals.append({"phase": phase.name, "epoch": round(epoch, 4), "step": progress.global_step, **metrics})
+            ctx.logger.log(progress.global_step, phase.name, epoch, {f"dev_{k}": v for k, v in metrics.items()})
+            bar.write(f"[{phase.name}] epoch {epoch:.2f}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if phase.keep_best and (progress.best_score is None or metrics["score"] > progress.best_score):
+                progress.best_score, progress.best_step = metrics["score"], progress.global_step
+                best = {k: v.detach().to("cpu", copy=True) for k, v in ctx.trainable_state().items()}
+
+        bar = tqdm(total=total, initial=progress.phase_step, desc=phase.name, disable=not acc.is_local_main_process,
+                   dynamic_ncols=True)
+        ctx.model.train()
+        while progress.phase_step < total:
+            epoch, start = divmod(progress.phase_step, steps_per_epoch)
+            batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, index, epoch)[start:]
+            loader = DataLoader(ctx.train_set, batch_sampler=[shard(b, acc) for b in batches],
+                                collate_fn=ctx.collator, generator=torch.Generator())
+            for batch in loader:
+                terms = _train_step(ctx, phase, groups, optimizer, scheduler, batch, progress)
+                progress.phase_step += 1
+                progress.global_step += 1
+                bar.update(1)
+                if progress.global_step % ctx.log_every == 0 or progress.phase_step == total:
+                    terms = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
+                    terms["lr"] = scheduler.get_last_lr()[0]
+                    ctx.logger.log(progress.global_step, phase.name, progress.phase_step / steps_per_epoch, terms)
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                epoch_done = progress.phase_step % steps_per_epoch == 0 or progress.phase_step == total
+                if epoch_done:
+                    evaluate()
+                    ctx.model.train()
+                if epoch_done or (ctx.checkpoint_every and progress.global_step % ctx.checkpoint_every == 0):
+                    checkpoint()
+                if progress.phase_step == total:
+                    break
+        bar.close()
+        if phase.keep_best and best is not None:
+            ctx.load_trainable_state(best)
+        resume = None
+    progress.seconds = time.perf_counter() - clock
+    return progress
+
+
+def _train_step(
+    ctx: LoopContext, phase: Phase, groups: list, optimizer: Any, scheduler: Any, batch: dict, progress: Progress
+) -> dict[str, torch.Tensor]:
+    acc = ctx.accelerator
+    batch = {k: v.to(acc.device) for k, v in batch.items()}
+    with acc.autocast():
+        outputs = ctx.model(**batch)
+        terms = {"task_loss": outputs.loss}
+        if phase.extra_losses:
+            terms.update(phase.extra_losses())
+        loss = sum(terms.values())
+    bad = acc.reduce(torch.tensor(float(not torch.isfinite(loss)), device=acc.device), "sum")
+    if bad.item():
+        raise TrainingDiverged(
+            f"the loss became {loss.item()} at step {progress.global_step + 1} (phase {phase.name}); "
+            f"the last good checkpoint is kept in {ctx.output / 'checkpoints'}"
+        )
+    acc.backward(loss)
+    if acc.sync_gradients:
+        acc.unscale_gradients()
+        for g in groups:
+            limit = g.max_grad_norm if g.max_grad_norm is not None else ctx.max_grad_norm
+            if limit:
+                torch.nn.utils.clip_grad_norm_(g.params, limit)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if phase.after_step:
+        phase.after_step()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, dataset: Dataset, collator: Callable, accelerator: Accelerator, batch_size: int
+) -> np.ndarray:
+    """Logits for every example in order; the work is sharded over processes and gathered."""
+    model.eval()
+    mine = shard(list(range(len(dataset))), accelerator)
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collator, generator=torch.Generator())
+    rows: list[tuple[int, np.ndarray]] = []
+    for indices, batch in zip(batches, loader):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
+        with accelerator.autocast():
+            logits = model(**batch).logits.float().cpu().numpy()
+        rows.extend(zip(indices, logits))
+    if accelerator.num_processes > 1:
+        rows = gather_object(rows)
+    rows.sort(key=lambda r: r[0])
+    return np.stack([r[1] for r in rows]) if rows else np.zeros((0, 1), dtype=np.float32)

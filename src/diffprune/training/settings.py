@@ -1,0 +1,68 @@
+"""The settings every run shares. Each field's help text is also its CLI help (see cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from diffprune.errors import DiffpruneError
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainSettings:
+    task: str = option("MRPC", "GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE or WNLI.")
+    method: str = option("full", "How the task is learned (see `diffprune methods`).")
+    model: str | None = option(
+        None, "HF model id or local folder of the base model; default: the packaged all-MiniLM-L6-v2."
+    )
+    data_dir: str | None = option(
+        None, "GLUE folder (TASK/train.tsv, ...); default: $GLUE_DIR, else the HF hub via `datasets`."
+    )
+    output: str | None = option(None, "Folder for everything the run writes (required).")
+    seed: int = option(42, "Random seed: head init, data order, dropout.")
+    epochs: float = option(3.0, "Epochs per training phase.")
+    max_steps: int | None = option(None, "Stop each phase after this many optimiser steps (overrides --epochs).")
+    batch_size: int = option(32, "Global batch size (split across processes when launched distributed).")
+    eval_batch_size: int = option(128, "Batch size for evaluation and prediction.")
+    lr: float = option(5e-5, "Peak learning rate of the method's main parameters.")
+    head_lr: float | None = option(None, "Learning rate of the task head; default: --lr.")
+    weight_decay: float = option(0.01, "AdamW weight decay on matrices (not on biases and norms).")
+    warmup_ratio: float = option(0.1, "Fraction of each phase's steps spent in linear warmup.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
+    max_seq_length: int = option(128, "Longer inputs are truncated; batches are padded dynamically.")
+    max_train_samples: int | None = option(None, "Train on the first N training examples only (smoke tests).")
+    max_eval_samples: int | None = option(None, "Evaluate on the first N dev examples only (smoke tests).")
+    checkpoint_every: int = option(200, "Write a resumable checkpoint every N optimiser steps (0: only at epoch ends).")
+    log_every: int = option(10, "Log loss terms to CSV and TensorBoard every N steps.")
+    mixed_precision: str = option("no", "Mixed precision through Accelerate: no, fp16 or bf16.")
+    save_model: bool = option(True, "Write the trained artifact (model, adapter or patch) into --output.")
+    overwrite: bool = option(False, "Replace a previous run in --output.")
+    resume: bool = option(False, "Continue the interrupted run in --output from its last checkpoint.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs > 0, "--epochs must be positive"),
+            (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
+            (self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be positive"),
+            (self.lr > 0 and (self.head_lr is None or self.head_lr > 0), "learning rates must be positive"),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (self.max_seq_length > 8, "--max-seq-length must be larger than 8"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+            (not (self.overwrite and self.resume), "--overwrite and --resume exclude each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DiffpruneError(message)
+
+    # Settings that do not change what is computed, so a resumed run may differ in them.
+    RUN_CONTROL = ("output", "overwrite", "resume", "checkpoint_every", "log_every", "data_dir")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def computation(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUN_CONTROL}
