@@ -141,11 +141,11 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         "peak_rss_mb": peak_rss_mb(),
         "device": device_name(accelerator),
         "num_processes": accelerator.num_processes,
-        **method.record_extras(model, base),
     }
+    if accelerator.is_main_process and settings.save_model:
+        record["files"] = method.save(model, base, output, record)
+    record.update(method.record_extras(model, base))  # after save: it may report the artifact's size
     if accelerator.is_main_process:
-        if settings.save_model:
-            record["files"] = method.save(model, base, output, record)
         write_json(output / "run.json", record)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -177,6 +177,21 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, batch_size: i
             raise DiffpruneError(f"{spec.name} has no dev split '{split}'; choose one of {', '.join(data.dev)}")
         data.dev = {split: data.dev[split]}
     return dev_metrics(model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
+
+
+def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: str | None = None,
+                   batch_size: int = 128, model: str | None = None, max_seq_length: int = 128) -> dict[str, float]:
+    """Apply a patch onto its base (fingerprint checked) and score it on the task's dev set(s)."""
+    from diffprune.patch import TaskPatch
+    from diffprune.patch.ops import base_for
+
+    patch = TaskPatch.load(patch_path)
+    spec = get_task(task or patch.meta.get("task") or "")
+    base = base_for(patch, model)
+    patch.apply(base.model, base.fingerprint)
+    settings = TrainSettings(task=spec.name, data_dir=data_dir, max_seq_length=max_seq_length)
+    data = load_task_data(spec, base, settings, with_train=False)
+    return dev_metrics(base.model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
 
 
 def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = None,

@@ -132,14 +132,26 @@ def _eval_options(fn):
 
 @main.command("eval")
 @_eval_options
+@click.option("--patch", "patch_file", type=click.Path(dir_okay=False), help="Score a patch file instead of a run.")
+@click.option("--task", default=None, help="Task to score the patch on (default: the patch's own task).")
+@click.option("--model", default=None, help="Base model for --patch (default: the one the patch names).")
 @click.option("--split", default=None, help="Dev split to score (default: every dev split of the task).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_command(run_dir, data_dir, batch_size, split, as_json) -> None:
-    """Score a trained run on the task's dev set(s)."""
-    from diffprune.api import evaluate_run
+def eval_command(run_dir, data_dir, batch_size, patch_file, task, model, split, as_json) -> None:
+    """Score a trained run (--run) or a patch (--patch) on the task's dev set(s)."""
+    from diffprune.api import evaluate_patch, evaluate_run
 
-    metrics = _run(evaluate_run, run_dir, data_dir=data_dir, batch_size=batch_size, split=split)
+    if bool(run_dir) == bool(patch_file):
+        _run(_fail, "eval needs exactly one of --run DIR or --patch FILE")
+    if patch_file:
+        metrics = _run(evaluate_patch, patch_file, task, data_dir=data_dir, batch_size=batch_size, model=model)
+    else:
+        metrics = _run(evaluate_run, run_dir, data_dir=data_dir, batch_size=batch_size, split=split)
     click.echo(json.dumps(metrics, indent=2) if as_json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _fail(message: str) -> None:
+    raise DiffpruneError(message)
 
 
 @main.command("predict")
@@ -152,6 +164,10 @@ def predict_command(run_dir, data_dir, batch_size, output) -> None:
     for path in _run(predict_run, run_dir, output, data_dir=data_dir, batch_size=batch_size):
         click.echo(f"wrote {path}")
 
+
+from diffprune.patch.cli import patch_group  # noqa: E402  (the `patch` subcommands)
+
+main.add_command(patch_group)
 
 if __name__ == "__main__":
     main()

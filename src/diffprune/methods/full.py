@@ -22,7 +22,7 @@ class FullFinetune(Method):
         return base.model
 
     def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
-        return [single_phase(model, base, s)]
+        return [single_phase(model, base, s, self.lr(s))]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
         model.save_pretrained(output / "model")
@@ -34,12 +34,12 @@ class FullFinetune(Method):
                          regression=base.model.config.problem_type == "regression").model
 
 
-def single_phase(model: nn.Module, base: BaseModel, s: TrainSettings) -> Phase:
+def single_phase(model: nn.Module, base: BaseModel, s: TrainSettings, lr: float) -> Phase:
     """The one-phase schedule shared by the dense baselines."""
-    head_lr = s.head_lr if s.head_lr is not None else s.lr
+    head_lr = s.head_lr if s.head_lr is not None else lr
     return Phase(
         name="finetune",
-        param_groups=lambda: standard_groups(model.named_parameters(), base.head_names, s.lr, head_lr, s.weight_decay),
+        param_groups=lambda: standard_groups(model.named_parameters(), base.head_names, lr, head_lr, s.weight_decay),
         epochs=s.epochs,
         max_steps=s.max_steps,
         warmup_ratio=s.warmup_ratio,

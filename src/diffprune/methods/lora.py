@@ -43,6 +43,7 @@ class Lora(Method):
     name = "lora"
     summary = "LoRA adapters through HF PEFT (rank, alpha and target modules configurable)"
     Config = LoraOptions
+    default_lr = 5e-4
 
     def prepare(self, base: BaseModel) -> nn.Module:
         from peft import LoraConfig, TaskType, get_peft_model
@@ -62,7 +63,7 @@ class Lora(Method):
             raise DiffpruneError(f"LoRA cannot wrap this model: {str(e).splitlines()[0]}") from e
 
     def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
-        return [single_phase(model, base, s)]
+        return [single_phase(model, base, s, self.lr(s))]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
         model.save_pretrained(output / "adapter")

@@ -31,6 +31,10 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    default_lr: ClassVar[float] = 5e-5
+
+    def lr(self, settings: TrainSettings) -> float:
+        return settings.lr if settings.lr is not None else self.default_lr
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -103,8 +103,6 @@ class TaskPatch:
         except (TypeError, ValueError) as e:
             raise DiffpruneError(f"patch meta is not JSON serialisable: {e}") from e
 
-    # -- construction -------------------------------------------------------------------------
-
     @classmethod
     def from_models(cls, base_state: dict, task_state: dict, head: dict, meta: dict) -> TaskPatch:
         """diff = task - base wherever they differ (exact comparison), for every name in base_state."""
@@ -115,7 +113,9 @@ class TaskPatch:
             t = task_state[name].detach().to("cpu", torch.float32)
             b = b.detach().to("cpu", torch.float32)
             if t.shape != b.shape:
-                raise DiffpruneError(f"'{name}' has shape {tuple(b.shape)} in the base but {tuple(t.shape)} in the task model")
+                raise DiffpruneError(
+                    f"'{name}' has shape {tuple(b.shape)} in the base but {tuple(t.shape)} in the task model"
+                )
             # With gradual underflow t != b implies t - b != 0, so every kept value is nonzero.
             diffs[name] = _sparse(t - b, t != b)
         return cls._build(diffs, base_state, head, meta)
@@ -123,11 +123,8 @@ class TaskPatch:
     @classmethod
     def from_dense_diffs(cls, diffs: dict, head: dict, meta: dict) -> TaskPatch:
         """Keep the nonzero entries of each dense diff tensor."""
-        sparse = {}
-        for name, d in diffs.items():
-            d = d.detach().to("cpu", torch.float32)
-            sparse[name] = _sparse(d, d != 0)
-        return cls._build(sparse, diffs, head, meta)
+        dense = {n: d.detach().to("cpu", torch.float32) for n, d in diffs.items()}
+        return cls._build({n: _sparse(d, d != 0) for n, d in dense.items()}, diffs, head, meta)
 
     @classmethod
     def _build(cls, diffs: dict, all_tensors: dict, head: dict, meta: dict) -> TaskPatch:
@@ -154,8 +151,6 @@ class TaskPatch:
     def _label(self) -> str:
         return f"'{self._path}'" if self._path else f"for task '{self.meta.get('task', '?')}'"
 
-    # -- file -----------------------------------------------------------------------------------
-
     def save(self, path: str | os.PathLike, value_dtype: str = "float16") -> int:
         """Write the patch atomically; returns the file size in bytes."""
         from safetensors.torch import save_file
@@ -165,7 +160,9 @@ class TaskPatch:
         values = torch.cat([d.values for d in self.diffs.values()]) if self.diffs else torch.zeros(0)
         stored = values.to(VALUE_DTYPES[value_dtype])
         if not torch.isfinite(stored).all():
-            raise DiffpruneError(f"some diff values overflow {value_dtype}; save with value_dtype='float32' or 'bfloat16'")
+            raise DiffpruneError(
+                f"some diff values overflow {value_dtype}; save with value_dtype='float32' or 'bfloat16'"
+            )
         table, blobs, offset = [], [], 0
         for name, d in self.diffs.items():
             codec, data = encode_positions(d.positions.numpy(), d.numel)
@@ -247,7 +244,8 @@ class TaskPatch:
             diffs[name] = SparseDiff(tuple(shape), torch.from_numpy(decoded), values[val_end - nnz : val_end])
         if pos_end != positions.numel() or val_end != values.numel():
             raise DiffpruneError(
-                f"the table covers {pos_end} of {positions.numel()} position bytes and {val_end} of {values.numel()} values"
+                f"the table covers {pos_end} of {positions.numel()} position bytes"
+                f" and {val_end} of {values.numel()} values"
             )
         stray = next((k for k in tensors if not k.startswith("head.")), None)
         if stray is not None:
@@ -259,13 +257,12 @@ class TaskPatch:
         patch._value_dtype = value_dtype
         return patch
 
-    # -- use --------------------------------------------------------------------------------------
-
     def apply(self, model: nn.Module, fingerprint: str) -> AppliedPatch:
         """Add the diffs and copy the head into `model` in place; the result can revert it exactly."""
         if fingerprint != self.meta["fingerprint"]:
             raise DiffpruneError(
-                f"patch {self._label()} was made for base {self.meta['fingerprint']} but the model's base is {fingerprint}"
+                f"patch {self._label()} was made for base {self.meta['fingerprint']}"
+                f" but the model's base is {fingerprint}"
             )
         params = dict(model.named_parameters())
         problems = []
@@ -277,7 +274,8 @@ class TaskPatch:
                 elif tuple(params[name].shape) != shape:
                     problems.append(f"{kind} '{name}' of shape {shape} but the model's is {tuple(params[name].shape)}")
         if problems:
-            more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
+            extra = len(problems) - 1
+            more = f" (and {extra} more mismatch{'es' if extra > 1 else ''})" if extra else ""
             raise DiffpruneError(f"patch {self._label()} does not fit the model: it {problems[0]}{more}")
         applied = AppliedPatch()
         with torch.no_grad():
@@ -315,7 +313,8 @@ class TaskPatch:
             "value_dtype": self._value_dtype,
             "position_bytes": pos_bytes,
             "fingerprint": self.meta["fingerprint"],
-            **{k: self.meta.get(k) for k in ("base", "method", "task", "labels", "num_labels", "metrics", "library_version")},
+            **{k: self.meta.get(k) for k in ("base", "method", "task", "labels", "num_labels", "metrics")},
+            "library_version": self.meta.get("library_version"),
             "head": [{"name": n, "shape": list(t.shape)} for n, t in self.head.items()],
             "tensors": tensors,
         }
@@ -346,7 +345,7 @@ class AppliedPatch:
             raise DiffpruneError("this patch has already been reverted from the model")
         with torch.no_grad():
             for flat, pos, original in reversed(self._diffs):
-                flat.index_copy_(0, pos, original)
+                flat.scatter_(0, pos, original)  # positions are unique; several times faster than index_copy_ on CPU
             for p, original in reversed(self._head):
                 p.copy_(original)
         self._reverted = True

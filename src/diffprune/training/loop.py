@@ -114,10 +114,13 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
                 terms = _train_step(ctx, phase, groups, optimizer, scheduler, batch, progress)
                 progress.phase_step += 1
                 progress.global_step += 1
+                if phase.after_step:
+                    phase.after_step(progress.phase_step, total)
                 bar.update(1)
                 if progress.global_step % ctx.log_every == 0 or progress.phase_step == total:
                     terms = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
                     terms["lr"] = scheduler.get_last_lr()[0]
+                    terms.update(phase.metrics() if phase.metrics else {})
                     ctx.logger.log(progress.global_step, phase.name, progress.phase_step / steps_per_epoch, terms)
                     bar.set_postfix(loss=f"{terms['loss']:.4f}")
                 epoch_done = progress.phase_step % steps_per_epoch == 0 or progress.phase_step == total
@@ -163,8 +166,6 @@ def _train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    if phase.after_step:
-        phase.after_step()
     return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 

@@ -7,7 +7,7 @@ the projection to the budget at the start of the second. The loop runs any list 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -37,15 +37,16 @@ class Phase:
     extra_losses: Callable[[], dict[str, torch.Tensor]] | None = None
     # Runs once when the phase begins fresh (not on resume: its effect lives in the checkpoint).
     on_start: Callable[[], None] | None = None
-    # Runs after every optimiser step (e.g. re-applying a fixed mask).
-    after_step: Callable[[], None] | None = None
+    # Runs after every optimiser step with (steps done in this phase, the phase's total steps).
+    after_step: Callable[[int, int], None] | None = None
+    # Named values that are not losses (e.g. the expected density), logged with the loss terms.
+    metrics: Callable[[], dict[str, float]] | None = None
     keep_best: bool = True
-    extras: dict = field(default_factory=dict)
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.max_steps is not None:
             return self.max_steps
-        return max(1, math.ceil(self.epochs * steps_per_epoch))
+        return max(1, math.ceil(self.epochs * steps_per_epoch)) if self.epochs > 0 else 0
 
 
 def decay_split(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

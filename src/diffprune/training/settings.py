@@ -28,7 +28,9 @@ class TrainSettings:
     max_steps: int | None = option(None, "Stop each phase after this many optimiser steps (overrides --epochs).")
     batch_size: int = option(32, "Global batch size (split across processes when launched distributed).")
     eval_batch_size: int = option(128, "Batch size for evaluation and prediction.")
-    lr: float = option(5e-5, "Peak learning rate of the method's main parameters.")
+    lr: float | None = option(
+        None, "Peak learning rate of the method's main parameters; default: the method's own (`diffprune methods`)."
+    )
     head_lr: float | None = option(None, "Learning rate of the task head; default: --lr.")
     weight_decay: float = option(0.01, "AdamW weight decay on matrices (not on biases and norms).")
     warmup_ratio: float = option(0.1, "Fraction of each phase's steps spent in linear warmup.")
@@ -48,7 +50,7 @@ class TrainSettings:
             (self.epochs > 0, "--epochs must be positive"),
             (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
             (self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be positive"),
-            (self.lr > 0 and (self.head_lr is None or self.head_lr > 0), "learning rates must be positive"),
+            ((self.lr is None or self.lr > 0) and (self.head_lr is None or self.head_lr > 0), "learning rates must be positive"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.max_seq_length > 8, "--max-seq-length must be larger than 8"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),

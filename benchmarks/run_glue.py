@@ -1,0 +1,123 @@
+"""GLUE dev benchmark: every method in the same harness, one JSON line per finished run.
+
+Resumable: a run already in results/glue.jsonl is skipped, and a run whose folder holds a
+checkpoint continues from it (`--resume`). Each run is its own process, so its peak memory is
+its own. Usage:
+
+    python benchmarks/run_glue.py --data-dir ../shared/data/glue                # the whole plan
+    python benchmarks/run_glue.py --tasks MRPC RTE --methods full lora --seeds 1
+    python benchmarks/run_glue.py --table-only                                  # rewrite the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from table import write_table
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "glue.jsonl"
+RUNS = HERE / "runs"
+
+TASKS = ["MRPC", "STS-B", "RTE", "SST-2"]
+# Hyperparameters for the 22M-parameter MiniLM, the same for every task; SST-2 (67k examples)
+# gets one epoch instead of three, for every method alike.
+COMMON = {"batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "epochs": 3}
+EPOCHS = {"SST-2": 1}
+METHODS: dict[str, dict] = {
+    "full": {"lr": 5e-5},
+    "bitfit": {"lr": 1e-3},
+    "lora": {"lr": 5e-4, "lora_r": 8, "lora_alpha": 16, "lora_targets": "query,value"},
+}
+SEEDS = {"full": [1, 2]}  # methods not listed run with seed 1 only
+
+
+def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
+    plan = []
+    for task in tasks:
+        for method in methods:
+            for seed in SEEDS.get(method, [1])[:max_seeds]:
+                config = {**COMMON, **METHODS[method], "task": task, "method": method, "seed": seed}
+                config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
+                plan.append(config)
+    return plan
+
+
+def run_name(config: dict) -> str:
+    budget = config.get("budget")
+    return f"{config['task']}-{config['method']}" + (f"-b{budget}" if budget else "") + f"-s{config['seed']}"
+
+
+def recorded() -> set[str]:
+    if not RESULTS.exists():
+        return set()
+    return {json.loads(line)["run"] for line in RESULTS.read_text().splitlines() if line.strip()}
+
+
+def execute(config: dict, data_dir: str | None) -> dict:
+    out = RUNS / run_name(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.json").write_text(json.dumps(config, indent=2))
+    cmd = [sys.executable, "-m", "diffprune", "train", "--config", str(out.parent / f"{out.name}.json"),
+           "--output", str(out), "--checkpoint-every", "100", "--log-every", "20"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    if (out / "checkpoints" / "latest").exists():
+        cmd.append("--resume")
+    elif (out / "settings.json").exists():
+        cmd.append("--overwrite")  # started but never checkpointed: start again
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "run.json").read_text())
+
+
+def to_record(name: str, config: dict, run: dict) -> dict:
+    return {
+        "run": name,
+        "model": run["model"],
+        "task": run["task"],
+        "method": run["method"],
+        "budget": run.get("budget"),
+        "seed": config["seed"],
+        "metric": run["metric"],
+        "score": run["score"],
+        "dev": run["dev"],
+        "trainable_params": run["trainable_params"],
+        "base_params": run["base_params"],
+        "seconds": run["seconds"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "device": run["device"],
+        "settings": {k: v for k, v in config.items() if k not in ("task", "method", "seed")},
+        "evals": run["evals"],
+        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density", "adapter_bytes") if k in run},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=TASKS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=2, help="at most this many seeds per method")
+    parser.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    if not args.table_only:
+        done = recorded()
+        for config in planned(args.tasks, args.methods, args.seeds):
+            name = run_name(config)
+            if name in done:
+                continue
+            print(f"== {name}", flush=True)
+            record = to_record(name, config, execute(config, args.data_dir))
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            write_table(RESULTS, HERE / "README.md")
+    write_table(RESULTS, HERE / "README.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The budget: how many entries a patch keeps, which ones (exact top-k), and a density controller."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffprune.errors import DiffpruneError
+
+
+def budget_count(budget: float, base_params: int) -> int:
+    """A fraction of the base parameters (budget < 1) or an absolute count (budget >= 1)."""
+    if budget <= 0:
+        raise DiffpruneError("--budget must be positive (a fraction like 0.005 or a count like 100000)")
+    k = round(budget * base_params) if budget < 1 else int(budget)
+    return max(1, min(k, base_params))
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat indices of the k largest scores; ties at the threshold go to the lowest
+    indices, so the choice is deterministic (torch.topk's tie order is not specified)."""
+    flat = scores.reshape(-1)
+    if k >= flat.numel():
+        return torch.arange(flat.numel(), device=flat.device)
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest
+    above = (flat > threshold).nonzero().squeeze(1)
+    ties = (flat == threshold).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+def project(deltas: list[torch.Tensor], k: int, scope: str) -> torch.Tensor:
+    """Global positions (into the concatenated tensors) of the k entries of largest |delta|.
+
+    scope "global": one threshold over all tensors (the paper); "per-tensor": every tensor keeps
+    the same fraction, rounded so that the counts still sum to exactly k.
+    """
+    sizes = [d.numel() for d in deltas]
+    if scope == "global":
+        return top_k(torch.cat([d.detach().abs().reshape(-1) for d in deltas]), k)
+    if scope != "per-tensor":
+        raise DiffpruneError(f"unknown budget scope '{scope}'; choose global or per-tensor")
+    quotas = _apportion(sizes, k)
+    chosen, start = [], 0
+    for delta, quota, size in zip(deltas, quotas, sizes):
+        if quota:
+            chosen.append(top_k(delta.detach().abs().reshape(-1), quota) + start)
+        start += size
+    return torch.cat(chosen)
+
+
+def _apportion(sizes: list[int], k: int) -> list[int]:
+    """Largest-remainder split of k in proportion to sizes (sums to exactly k)."""
+    total = sum(sizes)
+    exact = [k * s / total for s in sizes]
+    quotas = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: k - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+@dataclass
+class DensityController:
+    """Steers the L0 penalty weight so the expected density follows a schedule to `target`.
+
+    The penalty's useful size depends on the model, the task and the optimiser (Adam rescales
+    each coordinate), so no fixed lambda fits every model: the paper's BERT-large value closes
+    every gate of a small model on RTE. Instead lambda moves multiplicatively, up while the
+    density is above its scheduled value and down while below, so the L0 phase ends near the
+    target density on any model and task. The schedule is cubic (Zhu and Gupta 2017) from the
+    starting density to the target over the first `warmup` fraction of the phase.
+    """
+
+    target: float
+    start: float
+    total_steps: int
+    warmup: float = 0.5
+    gain: float = 0.1
+
+    def scheduled(self, step: int) -> float:
+        t = min(1.0, step / max(1.0, self.warmup * self.total_steps))
+        return self.target + (self.start - self.target) * (1 - t) ** 3
+
+    def update(self, lam: float, density: float, step: int) -> float:
+        goal = self.scheduled(step)
+        error = max(-1.0, min(1.0, (density - goal) / goal))
+        return lam * math.exp(self.gain * error)

