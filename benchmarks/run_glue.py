@@ -5,7 +5,7 @@ checkpoint continues from it (`--resume`). Each run is its own process, so its p
 its own. Usage:
 
     python benchmarks/run_glue.py --data-dir ../shared/data/glue                # the whole plan
-    python benchmarks/run_glue.py --tasks MRPC RTE --methods full lora --seeds 1
+    python benchmarks/run_glue.py --tasks MRPC RTE --methods full diff-struct@0.005 --seeds 1
     python benchmarks/run_glue.py --table-only                                  # rewrite the table
 """
 
@@ -25,25 +25,37 @@ RUNS = HERE / "runs"
 
 TASKS = ["MRPC", "STS-B", "RTE", "SST-2"]
 # Hyperparameters for the 22M-parameter MiniLM, the same for every task; SST-2 (67k examples)
-# gets one epoch instead of three, for every method alike.
+# gets one epoch instead of three, for every method alike. Learning rates are each method's
+# default (`diffprune methods`): full 5e-5, BitFit 1e-3, LoRA and SHiRA 5e-4, diff pruning
+# 1e-4 for w in the L0 phase and 5e-4 for the fixed-mask phase.
 COMMON = {"batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "epochs": 3}
 EPOCHS = {"SST-2": 1}
-METHODS: dict[str, dict] = {
-    "full": {"lr": 5e-5},
-    "bitfit": {"lr": 1e-3},
-    "lora": {"lr": 5e-4, "lora_r": 8, "lora_alpha": 16, "lora_targets": "query,value"},
-}
-SEEDS = {"full": [1, 2]}  # methods not listed run with seed 1 only
+# Patches keep fp32 values here so that storage.py can measure what fp16 / bf16 values cost.
+FP32 = {"patch_dtype": "float32"}
+# (method, its options, seeds), in the order they run for each task: the first seed of every
+# method before any second seed, so an interrupted plan still compares every method.
+VARIANTS: list[tuple[str, dict, list[int]]] = [
+    ("full", {"lr": 5e-5}, [1, 2]),
+    ("bitfit", {"lr": 1e-3}, [1]),
+    ("lora", {"lr": 5e-4, "lora_r": 8, "lora_alpha": 16, "lora_targets": "query,value"}, [1]),
+    ("diff-struct", {"budget": 0.005, **FP32}, [1, 2]),
+    ("shira", {"budget": 0.005}, [1]),
+    ("diff", {"budget": 0.005, **FP32}, [1]),
+    ("nonadaptive", {"budget": 0.005, **FP32}, [1]),
+    ("diff-struct", {"budget": 0.001, **FP32}, [1]),
+]
 
 
 def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
     plan = []
     for task in tasks:
-        for method in methods:
-            for seed in SEEDS.get(method, [1])[:max_seeds]:
-                config = {**COMMON, **METHODS[method], "task": task, "method": method, "seed": seed}
-                config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
-                plan.append(config)
+        for seed_index in range(max_seeds):
+            for method, options, seeds in VARIANTS:
+                label = method + (f"@{options['budget']}" if "budget" in options else "")
+                if (method in methods or label in methods) and seed_index < len(seeds):
+                    config = {**COMMON, **options, "task": task, "method": method, "seed": seeds[seed_index]}
+                    config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
+                    plan.append(config)
     return plan
 
 
@@ -99,7 +111,8 @@ def to_record(name: str, config: dict, run: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=TASKS)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in VARIANTS}),
+                        help="method names, or name@budget for one variant")
     parser.add_argument("--seeds", type=int, default=2, help="at most this many seeds per method")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
     parser.add_argument("--table-only", action="store_true")

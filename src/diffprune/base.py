@@ -46,9 +46,12 @@ class BaseModel:
     head_names: frozenset[str]
     labels: tuple[str, ...] | None = None
     base_names: tuple[str, ...] = field(init=False)
+    num_base_params: int = field(init=False)
 
     def __post_init__(self) -> None:
+        # Fixed at load: wrappers such as PEFT rename the modules of `model` in place later.
         self.base_names = tuple(n for n, _ in self.model.named_parameters() if n not in self.head_names)
+        self.num_base_params = sum(p.numel() for p in self.base_parameters().values())
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
         params = dict(self.model.named_parameters())
@@ -56,10 +59,6 @@ class BaseModel:
 
     def head_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if n in self.head_names}
-
-    @property
-    def num_base_params(self) -> int:
-        return sum(p.numel() for p in self.base_parameters().values())
 
 
 def load_base(

@@ -45,3 +45,18 @@ def load_patched(base: BaseModel, output: Path) -> nn.Module:
     """Apply the run's patch onto the freshly loaded base (refused if the base differs)."""
     TaskPatch.load(output / PATCH_FILE).apply(base.model, base.fingerprint)
     return base.model
+
+
+ADAPTER_DIR = "adapter"
+
+
+def save_adapter(model: nn.Module, output: Path) -> dict[str, int]:
+    """A PEFT model's adapter folder (PEFT's own format), with file sizes for the record."""
+    model.save_pretrained(output / ADAPTER_DIR)
+    return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / ADAPTER_DIR).iterdir())}
+
+
+def load_adapter(base: BaseModel, output: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base.model, output / ADAPTER_DIR)

@@ -9,6 +9,7 @@ from torch import nn
 
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
+from diffprune.methods.artifact import load_adapter, save_adapter
 from diffprune.methods.full import single_phase
 from diffprune.methods.registry import Method, register
 from diffprune.training.phases import Phase
@@ -66,10 +67,7 @@ class Lora(Method):
         return [single_phase(model, base, s, self.lr(s))]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
-        model.save_pretrained(output / "adapter")
-        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / "adapter").iterdir())}
+        return save_adapter(model, output)
 
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base.model, output / "adapter")
+        return load_adapter(base, output)

@@ -111,7 +111,13 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
             loader = DataLoader(ctx.train_set, batch_sampler=[shard(b, acc) for b in batches],
                                 collate_fn=ctx.collator, generator=torch.Generator())
             for batch in loader:
-                terms = _train_step(ctx, phase, groups, optimizer, scheduler, batch, progress)
+                try:
+                    terms = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch, ctx.max_grad_norm)
+                except FloatingPointError as e:
+                    raise TrainingDiverged(
+                        f"{e} at step {progress.global_step + 1} (phase {phase.name}); "
+                        f"the last good checkpoint is kept in {ctx.output / 'checkpoints'}"
+                    ) from None
                 progress.phase_step += 1
                 progress.global_step += 1
                 if phase.after_step:
@@ -139,28 +145,28 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
     return progress
 
 
-def _train_step(
-    ctx: LoopContext, phase: Phase, groups: list, optimizer: Any, scheduler: Any, batch: dict, progress: Progress
+def train_step(
+    acc: Accelerator, model: nn.Module, phase: Phase, groups: list, optimizer: Any, scheduler: Any, batch: dict,
+    max_grad_norm: float,
 ) -> dict[str, torch.Tensor]:
-    acc = ctx.accelerator
+    """One optimiser step: forward, named loss terms, backward, per-group clipping, update.
+    Returns the detached loss terms; raises FloatingPointError (on every process) if the loss
+    is not finite, before anything is updated."""
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     with acc.autocast():
-        outputs = ctx.model(**batch)
+        outputs = model(**batch)
         terms = {"task_loss": outputs.loss}
         if phase.extra_losses:
             terms.update(phase.extra_losses())
         loss = sum(terms.values())
     bad = acc.reduce(torch.tensor(float(not torch.isfinite(loss)), device=acc.device), "sum")
     if bad.item():
-        raise TrainingDiverged(
-            f"the loss became {loss.item()} at step {progress.global_step + 1} (phase {phase.name}); "
-            f"the last good checkpoint is kept in {ctx.output / 'checkpoints'}"
-        )
+        raise FloatingPointError(f"the loss became {loss.item()}")
     acc.backward(loss)
     if acc.sync_gradients:
         acc.unscale_gradients()
         for g in groups:
-            limit = g.max_grad_norm if g.max_grad_norm is not None else ctx.max_grad_norm
+            limit = g.max_grad_norm if g.max_grad_norm is not None else max_grad_norm
             if limit:
                 torch.nn.utils.clip_grad_norm_(g.params, limit)
     optimizer.step()

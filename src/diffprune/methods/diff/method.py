@@ -19,7 +19,7 @@ from torch import nn
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape
-from diffprune.methods.artifact import head_state, load_patched, patch_meta, save_patch
+from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
 from diffprune.methods.diff.budget import DensityController, budget_count, project
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.registry import Method, register
@@ -159,7 +159,7 @@ class _DiffBase(Method):
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
         files = save_patch(self.to_patch(model, base, record), output, self.config.patch_dtype)
-        self.patch_bytes = files["patch.safetensors"]
+        self.patch_bytes, self.patch_path = files[PATCH_FILE], output / PATCH_FILE
         return files
 
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
@@ -172,6 +172,12 @@ class _DiffBase(Method):
             extras["learned_density"] = float(model.learned_density)
         if getattr(self, "patch_bytes", None) is not None:
             extras["patch_bytes"] = self.patch_bytes
+            copy = 4 * sum(p.numel() for p in model.model.parameters())  # fp32 model, head included
+            extras["summary"] = [
+                f"patch: {self.patch_bytes:,} bytes ({self.k:,} changed entries, {self.config.patch_dtype} values); "
+                f"a full model copy: {copy:,} bytes ({copy / self.patch_bytes:.0f}x larger)",
+                f"patch written to {self.patch_path}",
+            ]
         return extras
 
 
