@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _EPS = 1e-6  # keeps log(u) and log(1 - u) finite
@@ -38,9 +39,10 @@ class GateShape:
 
 def sample(alpha: torch.Tensor, shape: GateShape = GateShape()) -> torch.Tensor:
     """One reparameterised sample z in [0, 1] per entry of alpha."""
-    u = torch.rand_like(alpha).clamp_(_EPS, 1 - _EPS)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + alpha) / shape.beta)
-    return (s * (shape.r - shape.l) + shape.l).clamp(0.0, 1.0)
+    # Few, fused passes: this runs over every gated entry at every training step.
+    noise = torch.rand_like(alpha).clamp_(_EPS, 1 - _EPS).logit_()  # log u - log(1 - u)
+    logits = noise.add_(alpha) if shape.beta == 1 else (noise + alpha) / shape.beta
+    return F.hardtanh((torch.sigmoid(logits) * (shape.r - shape.l)).add_(shape.l), 0.0, 1.0)
 
 
 def deterministic(alpha: torch.Tensor, shape: GateShape = GateShape()) -> torch.Tensor:

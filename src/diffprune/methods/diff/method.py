@@ -203,13 +203,18 @@ class _AdaptiveDiff(_DiffBase):
         def start() -> None:
             model.l0_lambda.fill_(c.l0_lambda if c.l0_lambda is not None else PAPER_LAMBDA)
 
+        last_l0: list[float] = []  # the product-form expected L0 of the last step, for the controller
+
         def penalty() -> dict[str, torch.Tensor]:
-            return {"l0_penalty": float(model.l0_lambda) * model.expected_l0(c.group_penalty)}
+            l0 = model.expected_l0(c.group_penalty)
+            last_l0[:] = [l0.item()] if c.group_penalty == "product" or not self.structured else []
+            return {"l0_penalty": float(model.l0_lambda) * l0}
 
         def steer(step: int, total: int) -> None:
             if c.l0_lambda is None:
+                density = last_l0[0] / model.total if last_l0 else model.expected_density()
                 controller = DensityController(target=target, start=1.0, total_steps=total)
-                model.l0_lambda.fill_(controller.update(float(model.l0_lambda), model.expected_density(), step))
+                model.l0_lambda.fill_(controller.update(float(model.l0_lambda), density, step))
 
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
                    warmup_ratio=s.warmup_ratio, extra_losses=penalty, on_start=start, after_step=steer,
