@@ -7,7 +7,6 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-BEGIN, END = "<!-- glue-table:begin -->", "<!-- glue-table:end -->"
 TASK_ORDER = ["RTE", "MRPC", "STS-B", "SST-2", "CoLA", "QNLI", "QQP", "MNLI", "WNLI"]
 
 
@@ -64,11 +63,48 @@ def runs_metric(runs: list[dict], task: str) -> str:
     return next(r["metric"] for r in runs if r["task"] == task)
 
 
+def render_cost(records: list[dict]) -> str:
+    if not records:
+        return "No cost measurement yet (`python benchmarks/cost.py`).\n"
+    lines = ["| method | step s | full step s | step time ratio | peak RSS MB | full peak RSS MB | peak memory ratio | "
+             "batch | device |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['method']} | {r['step_seconds']:.2f} | {r['baseline_step_seconds']:.2f} | "
+                     f"**{r['step_time_ratio']:.2f}x** | {r['peak_rss_mb']:.0f} | {r['baseline_peak_rss_mb']:.0f} | "
+                     f"**{r['peak_memory_ratio']:.2f}x** | {r['batch']} | {r['device']} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_storage(records: list[dict]) -> str:
+    if not records:
+        return "No storage measurement yet (`python benchmarks/storage.py`).\n"
+    lines = ["| patch | nnz | bound B | fp32 B | fp16 B | fp16 / bound | dev fp32 | dev fp16 | dev bf16 | "
+             "apply + revert ms | revert exact | LoRA r8 adapter B |", "|---" * 12 + "|"]
+    for r in records:
+        b, d = r["bytes"], r["dev_score"]
+        lora = f"{r['lora_r8_adapter_bytes']:,}" if r.get("lora_r8_adapter_bytes") else "–"
+        lines.append(f"| {r['patch']} | {r['nnz']:,} | {r['bound_bytes']:,} | {b['float32']:,} | {b['float16']:,} | "
+                     f"{r['bytes_over_bound_fp16']:.3f} | {100 * d['float32']:.2f} | {100 * d['float16']:.2f} | "
+                     f"{100 * d['bfloat16']:.2f} | {r['apply_revert_ms']:.2f} | {r['revert_bit_exact']} | {lora} |")
+    return "\n".join(lines) + "\n"
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _replace(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
+
+
 def write_table(results: Path, readme: Path) -> None:
-    records = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.exists() else []
-    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{render(records)}{END}{tail}")
+    """Rewrite the generated sections of benchmarks/README.md from every results file."""
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    text = _replace(text, "glue-table", render(_records(results)))
+    text = _replace(text, "cost-table", render_cost(_records(results.parent / "cost.jsonl")))
+    text = _replace(text, "storage-table", render_storage(_records(results.parent / "storage.jsonl")))
+    readme.write_text(text)
