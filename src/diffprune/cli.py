@@ -91,11 +91,10 @@ def _train(config: str | None, **flags: Any) -> None:
     values.update({k: v for k, v in flags.items() if v is not None})
     settings, options = split_settings(values)
     record = train(settings, options)
-    if record.get("num_processes", 1) > 1:
-        import torch.distributed as dist
+    from accelerate import PartialState
 
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
+    if not PartialState().is_main_process:  # one summary per run, not one per process
+        return
     click.echo(f"dev {record['metric']}: {record['score']:.4f}  ({record['task']}, {record['method']}, "
                f"{record['trainable_params']:,} trainable parameters, {record['seconds']:.0f} s)")
     for line in record.get("summary", []):
