@@ -10,6 +10,7 @@ from torch import nn
 
 from diffprune import __version__
 from diffprune.base import BaseModel
+from diffprune.io import atomic_dir
 from diffprune.patch import TaskPatch
 
 PATCH_FILE = "patch.safetensors"
@@ -52,7 +53,8 @@ ADAPTER_DIR = "adapter"
 
 def save_adapter(model: nn.Module, output: Path) -> dict[str, int]:
     """A PEFT model's adapter folder (PEFT's own format), with file sizes for the record."""
-    model.save_pretrained(output / ADAPTER_DIR)
+    with atomic_dir(output / ADAPTER_DIR) as tmp:
+        model.save_pretrained(tmp)
     return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / ADAPTER_DIR).iterdir())}
 
 

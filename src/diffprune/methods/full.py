@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from diffprune.base import BaseModel, load_base
+from diffprune.io import atomic_dir
 from diffprune.methods.registry import Method, register
 from diffprune.training.phases import Phase, standard_groups
 from diffprune.training.settings import TrainSettings
@@ -25,8 +26,9 @@ class FullFinetune(Method):
         return [single_phase(model, base, s, self.lr(s))]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
-        model.save_pretrained(output / "model")
-        base.tokenizer.save_pretrained(output / "model")
+        with atomic_dir(output / "model") as tmp:
+            model.save_pretrained(tmp)
+            base.tokenizer.save_pretrained(tmp)
         return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / "model").iterdir())}
 
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
