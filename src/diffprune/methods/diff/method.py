@@ -18,7 +18,7 @@ from torch import nn
 
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
-from diffprune.gates import GateShape
+from diffprune.gates import GateShape, prob_nonzero
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
 from diffprune.methods.diff.budget import DensityController, budget_count, project
 from diffprune.methods.diff.model import DiffModel
@@ -82,6 +82,17 @@ def diffed_names(base: BaseModel, include: str, exclude: str) -> list[str]:
     return names
 
 
+def projection_scores(model: DiffModel, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """|delta| ranks first (the paper). Should fewer than k entries be nonzero (gates closed
+    beyond the budget), the rest of the budget goes to the largest expected changes
+    |w| * P(z != 0) instead of to arbitrary zero entries."""
+    fallback = [w.detach().abs() * (prob_nonzero(a.detach(), model.gate_shape) if model.mode == "l0" else 1)
+                for w, a in zip(model.w, model.log_alpha)]
+    offset = max(float(f.max()) for f in fallback) + 1.0
+    # float64: adding the offset in float32 would round small |delta| into ties.
+    return [torch.where(d != 0, d.double().abs() + offset, f.double()) for d, f in zip(deltas, fallback)]
+
+
 class _DiffBase(Method):
     Config = DiffOptions
     structured = False
@@ -129,7 +140,7 @@ class _DiffBase(Method):
             model.train()
             flat = torch.cat([d.reshape(-1) for d in deltas])
             model.learned_density.fill_(flat.count_nonzero().item() / flat.numel())
-            positions = project(deltas, self.k, c.budget_scope)
+            positions = project(projection_scores(model, deltas), self.k, c.budget_scope)
             start = flat if c.fixed_init == "projected" else torch.cat([w.detach().reshape(-1) for w in model.w])
             model.fix(positions, start[positions])
 
