@@ -105,7 +105,10 @@ class _DiffBase(Method):
             k -= sum(p.numel() for p in base.head_parameters().values())
             if k < 1:
                 raise DiffpruneError("--budget-counts-head: the head alone is larger than the budget")
-        base.model.requires_grad_(True)  # the head trains; DiffModel freezes the diffed tensors
+        # The head trains; every base tensor stays frozen (the diffed ones change through DiffModel's
+        # delta, and those left out by --diff-include / --diff-exclude do not change at all).
+        for name, p in base.model.named_parameters():
+            p.requires_grad_(name in base.head_names)
         names = diffed_names(base, c.diff_include, c.diff_exclude)
         self.k = min(k, sum(base.model.get_parameter(n).numel() for n in names))
         return DiffModel(base.model, names, self.k, structured=self.structured, mode=self.mode,

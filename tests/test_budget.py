@@ -1,0 +1,171 @@
+"""The budget: counts, exact top-k with deterministic ties, projection scopes, the density controller."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffprune.errors import DiffpruneError
+from diffprune.methods.diff.budget import DensityController, _apportion, budget_count, project, top_k
+
+
+def _reference_top_k(values: list[float], k: int) -> list[int]:
+    """Largest first, ties by lowest index; returned in index order."""
+    return sorted(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
+
+
+# -- budget_count -----------------------------------------------------------------------------
+def test_budget_count_fraction_and_count():
+    assert budget_count(0.01, 1000) == 10
+    assert budget_count(0.005, 22_713_216) == round(0.005 * 22_713_216)
+    assert budget_count(500, 1000) == 500  # >= 1: a count
+    assert budget_count(500.0, 1000) == 500
+    assert budget_count(1, 1000) == 1  # 1 is a count of one entry, not 100%
+    assert budget_count(0.999, 1000) == 999
+
+
+def test_budget_count_is_clamped():
+    assert budget_count(1e-9, 1000) == 1  # rounds to 0, kept at least 1
+    assert budget_count(5000, 1000) == 1000  # never more than the base has
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.01, -5])
+def test_budget_count_rejects_non_positive(bad):
+    with pytest.raises(DiffpruneError, match="--budget must be positive"):
+        budget_count(bad, 1000)
+
+
+# -- top_k ------------------------------------------------------------------------------------
+def test_top_k_distinct_values():
+    scores = torch.tensor([0.3, -1.0, 5.0, 2.0, 0.0, 4.0])
+    assert top_k(scores, 3).tolist() == [2, 3, 5]
+    assert top_k(scores, 1).tolist() == [2]
+    assert top_k(scores.reshape(2, 3), 2).tolist() == [2, 5]  # flat indices of any shape
+
+
+def test_top_k_ties_go_to_lowest_indices():
+    scores = torch.tensor([1.0, 3.0, 1.0, 3.0, 1.0, 2.0, 1.0, 3.0])
+    assert top_k(scores, 2).tolist() == [1, 3]  # three 3s tie for two places: the first two
+    assert top_k(scores, 4).tolist() == [1, 3, 5, 7]
+    assert top_k(scores, 5).tolist() == [0, 1, 3, 5, 7]  # one of four 1s: index 0
+    assert top_k(scores, 6).tolist() == [0, 1, 2, 3, 5, 7]
+    assert top_k(torch.zeros(10), 4).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_many_ties_match_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (300,), generator=g).float()  # ~50 copies of every value
+    for k in (1, 7, 49, 50, 51, 150, 299):
+        chosen = top_k(scores, k)
+        assert chosen.numel() == k and chosen.dtype == torch.int64
+        assert torch.equal(chosen, chosen.sort().values) and chosen.unique().numel() == k
+        assert chosen.tolist() == _reference_top_k(scores.tolist(), k)
+        rest = torch.ones(300, dtype=torch.bool)
+        rest[chosen] = False
+        assert scores[chosen].min() >= scores[rest].max()
+        assert torch.equal(top_k(scores, k), chosen)  # deterministic
+
+
+def test_top_k_k_at_least_n_returns_all():
+    scores = torch.tensor([3.0, 1.0, 2.0])
+    assert top_k(scores, 3).tolist() == [0, 1, 2]
+    assert top_k(scores, 10).tolist() == [0, 1, 2]
+
+
+# -- project ----------------------------------------------------------------------------------
+def _deltas(seed=0, sizes=((4, 5), (30,), (6, 10))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in sizes]
+
+
+def test_project_global_picks_largest_magnitudes():
+    deltas = _deltas()
+    flat = torch.cat([d.reshape(-1) for d in deltas])
+    for k in (1, 5, 17, 40, 110):
+        positions = project(deltas, k, "global")
+        assert positions.numel() == k and torch.equal(positions, positions.sort().values)
+        assert positions.tolist() == _reference_top_k(flat.abs().tolist(), k)
+    # A large negative delta counts by its magnitude.
+    deltas[1][3] = -100.0
+    assert project(deltas, 1, "global").tolist() == [20 + 3]
+
+
+def test_project_global_ties_across_tensors():
+    deltas = [torch.tensor([1.0, -2.0, 2.0]), torch.tensor([2.0, -2.0, 0.5])]
+    assert project(deltas, 3, "global").tolist() == [1, 2, 3]  # four |2|s tie: the first three
+
+
+def test_project_per_tensor_proportional_shares():
+    deltas = _deltas(sizes=((10,), (30,), (60,)))
+    positions = project(deltas, 10, "per-tensor")
+    assert positions.numel() == 10 and torch.equal(positions, positions.sort().values)
+    counts = [int(((positions >= a) & (positions < b)).sum()) for a, b in ((0, 10), (10, 40), (40, 100))]
+    assert counts == [1, 3, 6]
+    # Each tensor keeps its own largest entries.
+    start = 0
+    for delta, count in zip(deltas, counts):
+        local = positions[(positions >= start) & (positions < start + delta.numel())] - start
+        assert local.tolist() == _reference_top_k(delta.abs().tolist(), count)
+        start += delta.numel()
+    # k = 7: exact shares 0.7, 2.1, 4.2 -> floors 0, 2, 4 and the one left over goes to the largest remainder.
+    positions = project(deltas, 7, "per-tensor")
+    assert [int(((positions >= a) & (positions < b)).sum()) for a, b in ((0, 10), (10, 40), (40, 100))] == [1, 2, 4]
+
+
+def test_project_unknown_scope():
+    with pytest.raises(DiffpruneError, match="budget scope"):
+        project(_deltas(), 3, "per-layer")
+
+
+def test_apportion_sums_to_k_within_one_of_exact():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        sizes = torch.randint(1, 500, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        k = int(torch.randint(1, sum(sizes) + 1, (1,), generator=g))
+        quotas = _apportion(sizes, k)
+        assert sum(quotas) == k
+        for size, quota in zip(sizes, quotas):
+            exact = k * size / sum(sizes)
+            assert math.floor(exact) <= quota <= math.ceil(exact) and 0 <= quota <= size
+    assert _apportion([10, 30, 60], 7) == [1, 2, 4]
+    assert _apportion([1, 1, 1], 3) == [1, 1, 1]
+    assert _apportion([1, 1, 1], 2) == [1, 1, 0]  # equal remainders: lowest index first
+
+
+def test_project_per_tensor_exactly_k_for_many_sizes():
+    deltas = _deltas(seed=1, sizes=((7,), (13,), (1,), (50,), (3, 3)))
+    total = sum(d.numel() for d in deltas)
+    for k in range(1, total + 1):
+        positions = project(deltas, k, "per-tensor")
+        assert positions.numel() == k and positions.unique().numel() == k
+        assert positions.min() >= 0 and positions.max() < total
+
+
+# -- DensityController ------------------------------------------------------------------------
+def test_density_schedule():
+    c = DensityController(target=0.01, start=1.0, total_steps=100, warmup=0.5, gain=0.1)
+    assert c.scheduled(0) == 1.0
+    assert c.scheduled(25) == pytest.approx(0.01 + 0.99 * 0.5**3)  # cubic: (1 - 25/50)^3
+    for step in (50, 51, 100, 10_000):
+        assert c.scheduled(step) == pytest.approx(0.01, abs=1e-15)
+    values = [c.scheduled(s) for s in range(0, 60)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never goes back up
+
+
+def test_density_controller_steers_lambda_with_bounded_steps():
+    c = DensityController(target=0.01, start=1.0, total_steps=100, warmup=0.5, gain=0.1)
+    lam, goal = 1e-7, c.scheduled(10)
+    up = c.update(lam, goal * 1.5, 10)  # density above schedule: more penalty
+    assert up > lam and up == pytest.approx(lam * math.exp(0.1 * 0.5))
+    down = c.update(lam, goal * 0.5, 10)  # below: less penalty
+    assert down < lam and down == pytest.approx(lam * math.exp(-0.1 * 0.5))
+    assert c.update(lam, goal, 10) == pytest.approx(lam)
+    # The factor per step is bounded by exp(gain) whatever the error.
+    assert c.update(lam, 1000.0, 10) == pytest.approx(lam * math.exp(0.1))
+    assert c.update(lam, 0.0, 10) == pytest.approx(lam * math.exp(-0.1))
+    for density in torch.linspace(0, 5, 101).tolist():
+        factor = c.update(1.0, density, 60) / 1.0
+        assert math.exp(-0.1) - 1e-12 <= factor <= math.exp(0.1) + 1e-12

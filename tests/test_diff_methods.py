@@ -1,0 +1,373 @@
+"""Diff pruning methods end to end, in process, on the tiny BERT and the MRPC fixtures.
+
+Every run is small (24 training examples, batch 8: three steps per phase), so the whole file
+takes seconds. Runs that several tests read are trained once and cached for the module.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import GLUE_FIXTURES, tiny_bert
+from diffprune import api
+from diffprune.base import load_base
+from diffprune.errors import DiffpruneError
+from diffprune.glue import get_task, make_collator
+from diffprune.methods import METHODS, build_method
+from diffprune.methods.diff.budget import _apportion, budget_count, top_k
+from diffprune.methods.shira import linear_layers
+from diffprune.patch import TaskPatch
+from diffprune.patch.ops import base_for
+from diffprune.training.settings import TrainSettings
+
+GLUE = str(GLUE_FIXTURES)
+DIFF_METHODS = ["diff", "diff-struct", "nonadaptive"]
+PAPER_LAMBDA = 1.25e-7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: more threads only add synchronisation (and fight any other job on the machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(output: Path, model: str, method: str, options: dict | None = None, **settings):
+    """Train in process; returns the record and the final dev logits of the trained model."""
+    values = dict(task="MRPC", method=method, model=model, data_dir=GLUE, output=str(output), epochs=1,
+                  batch_size=8, max_train_samples=24, max_eval_samples=16, log_every=1)
+    values.update(settings)
+    with _LogitSpy() as spy:
+        record = api.train(TrainSettings(**values), options or {})
+    return record, spy.last
+
+
+class _LogitSpy:
+    """Records the logits of every api.predict_logits call (the last one is the final dev pass)."""
+
+    def __enter__(self):
+        self.calls, self._original = [], api.predict_logits
+
+        def spy(*args, **kwargs):
+            logits = self._original(*args, **kwargs)
+            self.calls.append(logits)
+            return logits
+
+        api.predict_logits = spy
+        return self
+
+    def __exit__(self, *exc):
+        api.predict_logits = self._original
+
+    @property
+    def last(self) -> np.ndarray:
+        return self.calls[-1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model):
+    """run(name, method, options, **settings): train once per name in this module."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str, method: str, options: dict | None = None, **settings):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            record, logits = _train(out, tiny_model, method, options, **settings)
+            cache[name] = (out, record, logits)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_model) -> dict[str, tuple[int, ...]]:
+    base = load_base(tiny_model)
+    return {n: tuple(p.shape) for n, p in base.base_parameters().items()}
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory) -> str:
+    """Another tiny BERT of the same architecture with other initial weights: another fingerprint."""
+    return str(tiny_bert(tmp_path_factory.mktemp("other-tiny"), initializer_range=0.05))
+
+
+def _log_values(output: Path, name: str) -> list[float]:
+    with open(output / "log.csv", newline="") as f:
+        return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == name]
+
+
+def _log_phases(output: Path) -> set[str]:
+    with open(output / "log.csv", newline="") as f:
+        return {r["phase"] for r in csv.DictReader(f)}
+
+
+def _dev_with_patch(patch: TaskPatch, model: str, max_eval_samples: int | None = 16):
+    """A freshly loaded base, patched: (dev metrics, dev logits, the base, its state before, the applied patch)."""
+    base = base_for(patch, model)
+    before = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
+    applied = patch.apply(base.model, base.fingerprint)
+    spec = get_task("MRPC")
+    data = api.load_task_data(spec, base, TrainSettings(task="MRPC", data_dir=GLUE, max_eval_samples=max_eval_samples),
+                              with_train=False)
+    with _LogitSpy() as spy:
+        metrics = api.dev_metrics(base.model, data, make_collator(base.tokenizer), Accelerator(), 128)
+    return metrics, spy.last, base, before, applied
+
+
+# -- the three diff methods --------------------------------------------------------------------
+@pytest.mark.parametrize("method", DIFF_METHODS)
+def test_diff_method_writes_exact_budget_patch(run, method, tiny_model):
+    out, record, logits = run(method, method, {"budget": 0.01})
+    path = out / "patch.safetensors"
+    assert path.is_file()
+    k = budget_count(0.01, record["base_params"])
+    assert record["k"] == k and record["budget"] == 0.01
+    # The patch holds exactly k entries. A kept entry could only be missing if its trained value
+    # were exactly 0, which happens when fewer than k entries of z * w were nonzero at projection
+    # (then top-k also picks zeros, and a zero in an embedding row no batch reads never moves).
+    # Here far more than k were nonzero, so all k values are nonzero:
+    assert 0 <= record["learned_density"] <= 1
+    assert record["learned_density"] * record["base_params"] > k
+    assert record["nnz"] == k
+    assert record["patch_bytes"] == path.stat().st_size == record["files"]["patch.safetensors"]
+    assert record["trainable_params"] == k + 2 * 32 + 2  # k values + the dense head
+    assert record["steps"] == 6  # three steps in each of the two phases
+
+    patch = TaskPatch.load(path)
+    assert patch.nnz == k
+    assert patch.meta["method"] == method and patch.meta["fingerprint"] == record["fingerprint"]
+    assert patch.meta["base_params"] == record["base_params"]
+
+    # Applied onto a freshly loaded base, the patch gives the trained model's dev results...
+    metrics, patched_logits, base, before, applied = _dev_with_patch(patch, tiny_model)
+    _, head_only_logits, *_ = _dev_with_patch(TaskPatch({}, patch.head, patch.meta), tiny_model)
+    assert np.abs(head_only_logits - logits).max() > 1e-4  # the sparse diff matters
+    assert metrics == record["dev"]
+    # (The file stores float16 values: the logits move by ~1e-7; the diff itself moves them by ~1e-3.)
+    np.testing.assert_allclose(patched_logits, logits, rtol=0, atol=1e-6)
+    # ... and reverting restores every base tensor bit for bit.
+    applied.revert()
+    after = base.model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_controller_moves_lambda_by_default(run):
+    out, record, _ = run("diff", "diff", {"budget": 0.01})
+    lambdas = _log_values(out, "l0_lambda")
+    assert len(lambdas) == 3 and len(set(lambdas)) == 3  # one per step (log_every 1), each different
+    assert all(abs(math.log(b / a)) <= 0.1 + 1e-9 for a, b in zip(lambdas, lambdas[1:]))  # bounded steps
+    assert _log_values(out, "expected_density") and _log_values(out, "l0_penalty")
+
+
+def test_fixed_lambda_turns_the_controller_off(run):
+    out, record, _ = run("fixed-lambda", "diff-struct", {"budget": 0.01, "l0_lambda": PAPER_LAMBDA})
+    lambdas = _log_values(out, "l0_lambda")
+    assert lambdas == [PAPER_LAMBDA] * 3
+    assert record["nnz"] == record["k"] == budget_count(0.01, record["base_params"])
+    assert (out / "patch.safetensors").is_file()
+
+
+def test_budget_as_a_count(run):
+    out, record, _ = run("count", "diff", {"budget": 500})
+    assert record["k"] == 500 and record["nnz"] == 500
+    assert TaskPatch.load(out / "patch.safetensors").nnz == 500
+
+
+def test_budget_scope_per_tensor(run, shapes):
+    out, record, _ = run("per-tensor", "diff", {"budget": 0.01, "budget_scope": "per-tensor"})
+    k = budget_count(0.01, record["base_params"])
+    assert record["nnz"] == k
+    patch = TaskPatch.load(out / "patch.safetensors")
+    assert patch.nnz == k
+    numels = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(numels.values())
+    quotas = dict(zip(numels, _apportion(list(numels.values()), k)))
+    for name, numel in numels.items():
+        held = patch.diffs[name].nnz if name in patch.diffs else 0
+        assert abs(held - k * numel / total) <= 1, name  # its proportional share, rounded
+        assert held == quotas[name], name
+
+
+def test_diff_exclude_embeddings(run):
+    out, record, _ = run("exclude", "diff-struct", {"budget": 0.01, "diff_exclude": "*embeddings*"})
+    patch = TaskPatch.load(out / "patch.safetensors")
+    assert patch.diffs and not any("embeddings" in n for n in patch.diffs)
+    assert record["nnz"] == record["k"] == budget_count(0.01, record["base_params"]) == patch.nnz
+    assert set(patch.head) == {"classifier.weight", "classifier.bias"}
+    # The tensors left out stay frozen: they are not trainable parameters of the task.
+    assert record["trainable_params"] == record["k"] + 2 * 32 + 2
+
+
+@pytest.mark.parametrize("options", [{"diff_exclude": "*embeddings*"}, {"diff_include": "*.bias"}])
+def test_tensors_left_out_of_the_diff_stay_frozen(tiny_model, options):
+    base = load_base(tiny_model)
+    method = build_method("diff", {"budget": 0.01, **options})
+    model = method.prepare(base)
+    trainable = {n for n, p in base.model.named_parameters() if p.requires_grad}
+    assert trainable == set(base.head_names)  # no base tensor trains directly, diffed or not
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102]]), "labels": torch.tensor([1])}
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is None for n, p in base.model.named_parameters() if n not in base.head_names)
+    assert all(p.grad is not None for n, p in base.model.named_parameters() if n in base.head_names)
+    assert method.trainable_params(model) == method.k + 2 * 32 + 2
+
+
+def test_diff_include_biases_only(run, shapes):
+    out, record, _ = run("include", "diff", {"budget": 0.01, "diff_include": "*.bias"})
+    patch = TaskPatch.load(out / "patch.safetensors")
+    assert patch.diffs and all(n.endswith(".bias") for n in patch.diffs)
+    biases = sum(math.prod(s) for n, s in shapes.items() if n.endswith(".bias"))
+    assert biases < budget_count(0.01, record["base_params"])  # the budget is capped at what can be diffed
+    assert record["k"] == biases and record["nnz"] == biases == patch.nnz
+    assert record["trainable_params"] == biases + 2 * 32 + 2
+
+
+def test_fixed_epochs_zero_still_projects(run):
+    options = {"budget": 300, "fixed_epochs": 0, "fixed_init": "w", "projection": "deterministic"}
+    out, record, _ = run("no-fixed", "diff", options)
+    assert record["steps"] == 3  # the L0 phase only
+    assert _log_phases(out) == {"l0"}
+    assert record["k"] == record["nnz"] == 300
+    assert TaskPatch.load(out / "patch.safetensors").nnz == 300
+    assert 0 <= record["learned_density"] <= 1
+
+
+def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
+    with pytest.raises(DiffpruneError, match="--budget-scope"):
+        build_method("diff", {"budget_scope": "layer"})
+    with pytest.raises(DiffpruneError, match="--projection"):
+        build_method("diff", {"projection": "mean"})
+    with pytest.raises(DiffpruneError, match="no base parameter matches"):
+        build_method("diff", {"diff_include": "nothing*"}).prepare(load_base(tiny_model))
+
+
+# -- the projection and the fixed-phase start, on a prepared model (no training) -------------
+def _prepared(tiny_model, options, seed=1234):
+    # (Not seed 0: the gate noise below comes from the global generator seeded 0, and the same
+    # seed would make w and the noise the same stream, i.e. correlated.)
+    base = load_base(tiny_model)
+    method = build_method("diff", options)
+    model = method.prepare(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w, a in zip(model.w, model.log_alpha):
+            w.copy_(torch.randn(w.shape, generator=g))
+            # Half the gates at log 2 (deterministic gate 0.5, P(z != 0) = 2/3), half nearly closed.
+            a.copy_(torch.where(torch.rand(a.shape, generator=g) < 0.5, math.log(2), -5.0))
+    w = torch.cat([p.detach().reshape(-1) for p in model.w])
+    alpha = torch.cat([p.detach().reshape(-1) for p in model.log_alpha])
+    model.train()
+    return method, model, w, alpha
+
+
+@pytest.mark.parametrize("fixed_init", ["projected", "w"])
+def test_deterministic_projection_and_fixed_init(tiny_model, fixed_init):
+    method, model, w, alpha = _prepared(tiny_model, {"budget": 300, "projection": "deterministic",
+                                                     "fixed_init": fixed_init})
+    method._project(model)
+    gate = torch.where(alpha == math.log(2), 0.5, 0.0)  # sigmoid(log 2) * 3 - 1.5 = 0.5; alpha -5: 0
+    delta = gate * w
+    expected = top_k(delta.abs(), 300)
+    assert model.mode == "fixed" and model.training
+    assert torch.equal(model.positions, expected)
+    start = delta if fixed_init == "projected" else w
+    torch.testing.assert_close(model.values.detach(), start[expected], rtol=1e-6, atol=0)
+    assert float(model.learned_density) == pytest.approx(float((delta != 0).double().mean()))
+
+
+def test_sampled_projection(tiny_model):
+    method, model, w, alpha = _prepared(tiny_model, {"budget": 300})
+    torch.manual_seed(0)
+    method._project(model)
+    positions = model.positions
+    ratio = model.values.detach() / w[positions]  # the sampled gate of each kept entry
+    assert torch.all((ratio >= 0) & (ratio <= 1 + 1e-6))
+    assert (alpha[positions] == math.log(2)).float().mean() > 0.9  # open gates win the top-k
+    # One draw: P(z != 0) is 2/3 for half the entries and sigmoid(-5) for the other half.
+    assert float(model.learned_density) == pytest.approx(0.5 * 2 / 3 + 0.5 * torch.sigmoid(torch.tensor(-5.0)).item(),
+                                                         abs=0.005)
+
+
+# -- the contract of every method: save -> load -> apply equals the trained model -------------
+@pytest.fixture(scope="module")
+def initial_logits(tiny_model) -> np.ndarray:
+    """Full-dev logits of the untrained tiny model (base and head as saved)."""
+    base = load_base(tiny_model, 2, labels=get_task("MRPC").labels)
+    data = api.load_task_data(get_task("MRPC"), base, TrainSettings(task="MRPC", data_dir=GLUE), with_train=False)
+    with _LogitSpy() as spy:
+        api.dev_metrics(base.model, data, make_collator(base.tokenizer), Accelerator(), 128)
+    return spy.last
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_reproduces_its_dev_score(method, tmp_path, tiny_model, initial_logits):
+    out = tmp_path / method
+    record, logits = _train(out, tiny_model, method, max_steps=3, max_eval_samples=None)
+    assert np.abs(logits - initial_logits).max() > 1e-5  # training did change the model
+    with _LogitSpy() as spy:
+        metrics = api.evaluate_run(out, GLUE)
+    assert metrics == record["dev"]
+    assert metrics["score"] == record["score"]
+    # The dev scores alone say little here (the tiny random model predicts one class), so the
+    # logits are compared too: the diff methods store float16 values by default, which moves the
+    # logits by ~1e-7 while 3 training steps move them by more than 1e-4.
+    np.testing.assert_allclose(spy.last, logits, rtol=0, atol=1e-6)
+
+
+# -- SHiRA ------------------------------------------------------------------------------------
+def test_shira_entries_and_rank_from_budget(tiny_model):
+    base = load_base(tiny_model)
+    layers = linear_layers(base)
+    assert "classifier" not in layers and len(layers) == 2 * 6 + 1  # 6 per layer, and the pooler
+    per_rank = sum(m.in_features + m.out_features for m in layers.values())
+    sizes = {name: (m.in_features, m.out_features) for name, m in layers.items()}
+    method = build_method("shira", {"budget": 0.01})
+    model = method.prepare(base)
+    k = budget_count(0.01, base.num_base_params)
+    assert method.r == round(k / per_rank) == 10
+    assert method.entries == method.r * per_rank
+    # r * (m + n) trainable entries in every linear layer of the base.
+    found = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and "shira" in name:
+            module = name.split("base_model.model.", 1)[1].rsplit(".shira_weight", 1)[0]
+            found[module] = p.numel()
+    assert found == {name: method.r * (m + n) for name, (m, n) in sizes.items()}
+
+    explicit = build_method("shira", {"shira_r": 3})
+    explicit.prepare(load_base(tiny_model))
+    assert explicit.r == 3 and explicit.entries == 3 * per_rank
+
+
+def test_shira_record(run):
+    out, record, _ = run("shira", "shira", {"budget": 0.01})
+    # Per layer: query, key, value, attention output (32 x 32: m + n = 64), intermediate and output
+    # (32 x 64: 96); two layers and the pooler (64): 2 * (4 * 64 + 2 * 96) + 64 = 960 per unit of r.
+    # k = round(0.01 * 1_000_096) = 10_001, r = round(10_001 / 960) = 10.
+    assert record["shira_r"] == 10 and record["nnz"] == 10 * 960
+    assert (out / "adapter").is_dir()
+
+
+# -- a patch only fits its own base -------------------------------------------------------------
+def test_patch_refused_on_another_base(run, other_tiny, tiny_model):
+    out, record, _ = run("diff", "diff", {"budget": 0.01})
+    patch = TaskPatch.load(out / "patch.safetensors")
+    other = load_base(other_tiny)
+    assert other.fingerprint != record["fingerprint"]
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(DiffpruneError) as error:
+        patch.apply(other.model, other.fingerprint)
+    message = str(error.value)
+    assert record["fingerprint"] in message and other.fingerprint in message and "\n" not in message
+    assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())

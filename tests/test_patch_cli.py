@@ -1,0 +1,173 @@
+"""The command line around patches, run as a user would (fresh processes), on one training."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GLUE_FIXTURES, run_cli, tiny_bert
+from diffprune.base import load_base
+from diffprune.patch import SparseDiff, TaskPatch
+from diffprune.patch.ops import base_for
+
+GLUE = str(GLUE_FIXTURES)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(*args: str):
+    # One thread: the model is tiny, and more threads only fight other jobs for the cores.
+    return run_cli(*args, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = cli("train", "--task", "MRPC", "--method", "diff-struct", "--budget", "0.01", "--model", tiny_model,
+                 "--data-dir", GLUE, "--output", str(out), "--epochs", "1", "--batch-size", "8",
+                 "--max-train-samples", "24")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    return out, result, record
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory) -> str:
+    """The same architecture with other initial weights, hence another fingerprint."""
+    return str(tiny_bert(tmp_path_factory.mktemp("other-tiny"), initializer_range=0.05))
+
+
+@pytest.fixture(scope="module")
+def commands(trained, other_tiny, tmp_path_factory):
+    """Every command under test, run once each, concurrently (they are independent and mostly
+    spend their time importing): name -> (CompletedProcess, paths they use)."""
+    out, _, _ = trained
+    work = tmp_path_factory.mktemp("commands")
+    first = out / "patch.safetensors"
+    # A truncated copy of the patch.
+    data = first.read_bytes()
+    truncated = work / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    # A second patch on the same base: the first one's layer-0 entries only, as another "method".
+    patch = TaskPatch.load(first)
+    kept = {n: SparseDiff(d.shape, d.positions, d.values) for n, d in patch.diffs.items() if ".layer.0." in n}
+    assert kept and len(kept) < len(patch.diffs)
+    second = work / "layer0.safetensors"
+    TaskPatch(kept, patch.head, {**patch.meta, "method": "layer-0 only"}).save(second)
+    paths = {"patch": first, "truncated": truncated, "second": second, "exported": work / "exported",
+             "applied": work / "applied", "png": work / "plots" / "where.png"}
+    args = {
+        "info_json": ("patch", "info", "--json", str(first)),
+        "info_text": ("patch", "info", str(first)),
+        "eval": ("eval", "--patch", str(first), "--data-dir", GLUE),
+        "export": ("patch", "export", str(first), "--output", str(paths["exported"])),
+        "apply_other": ("patch", "apply", str(first), "--base", other_tiny, "--output", str(paths["applied"])),
+        "truncated": ("patch", "info", str(truncated)),
+        "plot": ("patch", "plot", str(first), str(second), "--output", str(paths["png"])),
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(cli, *a) for name, a in args.items()}
+        results = {name: f.result() for name, f in futures.items()}
+    return results, paths
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _one_line_error(result) -> str:
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_train_writes_patch_and_prints_score(trained):
+    out, result, record = trained
+    path = out / "patch.safetensors"
+    assert path.is_file() and path.stat().st_size == record["patch_bytes"]
+    assert record["method"] == "diff-struct" and record["nnz"] == record["k"] == round(0.01 * record["base_params"])
+    assert f"dev f1: {record['score']:.4f}" in result.stdout
+    assert f"patch written to {path}" in result.stdout
+    assert f"{record['k']:,} changed entries" in result.stdout
+
+
+def test_patch_info_json(trained, commands):
+    out, _, record = trained
+    path = out / "patch.safetensors"
+    info = json.loads(_ok(commands[0]["info_json"]).stdout)
+    assert info["nnz"] == record["nnz"] == TaskPatch.load(path).nnz
+    assert info["base_params"] == record["base_params"] == 1_000_096
+    assert info["bytes"] == path.stat().st_size
+    assert info["fingerprint"] == record["fingerprint"]
+    assert info["method"] == "diff-struct" and info["task"] == "MRPC"
+    assert info["value_dtype"] == "float16"
+    assert sum(t["nnz"] for t in info["tensors"]) == record["nnz"]
+
+
+def test_patch_info_text(trained, commands):
+    _, _, record = trained
+    stdout = _ok(commands[0]["info_text"]).stdout
+    assert "diff-struct patch for MRPC" in stdout
+    assert record["fingerprint"] in stdout
+    assert f"{record['nnz']:,} changed entries of {record['base_params']:,}" in stdout
+
+
+def test_eval_patch_prints_the_run_score(trained, commands):
+    _, _, record = trained
+    stdout = _ok(commands[0]["eval"]).stdout
+    printed = {k: float(v) for k, v in re.findall(r"(\w+) (\d+\.\d+)", stdout)}
+    assert printed == {k: round(v, 4) for k, v in record["dev"].items()}
+    assert f"score {record['score']:.4f}" in stdout
+
+
+def test_export_loads_with_transformers(commands, tiny_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    results, paths = commands
+    exported = paths["exported"]
+    assert str(exported) in _ok(results["export"]).stdout
+    model = AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    inputs = tokenizer(["The cat sat on the mat.", "Stocks fell sharply on Monday after the report."],
+                       ["A cat was sitting on a mat.", "The report came out on Monday."],
+                       padding=True, return_tensors="pt")
+    patch = TaskPatch.load(paths["patch"])
+    base = base_for(patch, tiny_model)
+    with torch.no_grad():
+        unpatched = base.model.eval()(**inputs).logits
+        with patch.apply(base.model, base.fingerprint):
+            expected = base.model(**inputs).logits
+        exported_logits = model(**inputs).logits
+    torch.testing.assert_close(exported_logits, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(unpatched, expected, rtol=0, atol=1e-6)
+    assert model.config.id2label == {0: "0", 1: "1"}
+
+
+def test_apply_onto_another_base_fails_naming_both_fingerprints(trained, commands, other_tiny):
+    _, _, record = trained
+    results, paths = commands
+    other = load_base(other_tiny).fingerprint
+    assert other != record["fingerprint"]
+    line = _one_line_error(results["apply_other"])
+    assert record["fingerprint"] in line and other in line
+    assert not paths["applied"].exists()
+
+
+def test_truncated_patch_is_a_one_line_error(commands):
+    results, paths = commands
+    line = _one_line_error(results["truncated"])
+    assert str(paths["truncated"]) in line and "not a valid diffprune patch" in line
+
+
+def test_plot_two_patches(commands):
+    results, paths = commands
+    assert str(paths["png"]) in _ok(results["plot"]).stdout
+    data = Path(paths["png"]).read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
