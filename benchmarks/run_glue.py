@@ -32,8 +32,9 @@ COMMON = {"batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1, "weight_
 EPOCHS = {"SST-2": 1}
 # Patches keep fp32 values here so that storage.py can measure what fp16 / bf16 values cost.
 FP32 = {"patch_dtype": "float32"}
-# (method, its options, seeds), in the order they run for each task: the first seed of every
-# method before any second seed, so an interrupted plan still compares every method.
+# (method, its options, seeds). The plan runs in tiers so that an interrupted plan still
+# compares the methods that matter most on every task: first seeds of the main methods on the
+# small tasks, then the other variants, then second seeds, SST-2 (the long one) last.
 VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("full", {"lr": 5e-5}, [1, 2]),
     ("bitfit", {"lr": 1e-3}, [1]),
@@ -44,19 +45,22 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("nonadaptive", {"budget": 0.005, **FP32}, [1]),
     ("diff-struct", {"budget": 0.001, **FP32}, [1]),
 ]
+MAIN = 4  # the first four variants form the first tier
 
 
 def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
     plan = []
-    for task in tasks:
-        for seed_index in range(max_seeds):
-            for method, options, seeds in VARIANTS:
-                label = method + (f"@{options['budget']}" if "budget" in options else "")
-                if (method in methods or label in methods) and seed_index < len(seeds):
-                    config = {**COMMON, **options, "task": task, "method": method, "seed": seeds[seed_index]}
-                    config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
-                    plan.append(config)
-    return plan
+    for position, (method, options, seeds) in enumerate(VARIANTS):
+        label = method + (f"@{options['budget']}" if "budget" in options else "")
+        if method not in methods and label not in methods:
+            continue
+        for seed_index, seed in enumerate(seeds[:max_seeds]):
+            for task in tasks:
+                tier = 3 if task == "SST-2" else (2 if seed_index else (0 if position < MAIN else 1))
+                config = {**COMMON, **options, "task": task, "method": method, "seed": seed}
+                config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
+                plan.append(((tier, tasks.index(task), position), config))
+    return [config for _, config in sorted(plan, key=lambda item: item[0])]
 
 
 def run_name(config: dict) -> str:
