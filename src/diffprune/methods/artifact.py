@@ -10,7 +10,6 @@ from torch import nn
 
 from diffprune import __version__
 from diffprune.base import BaseModel
-from diffprune.io import atomic_dir
 from diffprune.patch import TaskPatch
 
 PATCH_FILE = "patch.safetensors"
@@ -47,18 +46,3 @@ def load_patched(base: BaseModel, output: Path) -> nn.Module:
     TaskPatch.load(output / PATCH_FILE).apply(base.model, base.fingerprint)
     return base.model
 
-
-ADAPTER_DIR = "adapter"
-
-
-def save_adapter(model: nn.Module, output: Path) -> dict[str, int]:
-    """A PEFT model's adapter folder (PEFT's own format), with file sizes for the record."""
-    with atomic_dir(output / ADAPTER_DIR) as tmp:
-        model.save_pretrained(tmp)
-    return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / ADAPTER_DIR).iterdir())}
-
-
-def load_adapter(base: BaseModel, output: Path) -> nn.Module:
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base.model, output / ADAPTER_DIR)

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from torch import nn
 
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
-from diffprune.methods.artifact import load_adapter, save_adapter
-from diffprune.methods.full import single_phase
-from diffprune.methods.registry import Method, register
-from diffprune.training.phases import Phase
-from diffprune.training.settings import TrainSettings, option
+from diffprune.methods.peft_adapter import PeftAdapterMethod, head_modules
+from diffprune.methods.registry import register
+from diffprune.training.settings import option
 
 
 @dataclass
@@ -34,23 +29,18 @@ class LoraOptions:
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
 
-def head_modules(base: BaseModel) -> list[str]:
-    """Top-level module names holding the head, for PEFT's `modules_to_save`."""
-    return sorted({name.split(".")[0] for name in base.head_names})
-
-
 @register
-class Lora(Method):
+class Lora(PeftAdapterMethod):
     name = "lora"
     summary = "LoRA adapters through HF PEFT (rank, alpha and target modules configurable)"
     Config = LoraOptions
     default_lr = 5e-4
 
-    def prepare(self, base: BaseModel) -> nn.Module:
-        from peft import LoraConfig, TaskType, get_peft_model
+    def peft_config(self, base: BaseModel):
+        from peft import LoraConfig, TaskType
 
         c = self.config
-        config = LoraConfig(
+        return LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=c.lora_r,
             lora_alpha=c.lora_alpha,
@@ -58,16 +48,3 @@ class Lora(Method):
             target_modules=c.lora_targets,
             modules_to_save=head_modules(base),
         )
-        try:
-            return get_peft_model(base.model, config)
-        except ValueError as e:
-            raise DiffpruneError(f"LoRA cannot wrap this model: {str(e).splitlines()[0]}") from e
-
-    def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
-        return [single_phase(model, base, s, self.lr(s))]
-
-    def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
-        return save_adapter(model, output)
-
-    def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
-        return load_adapter(base, output)

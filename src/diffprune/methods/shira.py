@@ -4,19 +4,15 @@ base's linear weights. The baseline a learned mask has to beat at the same numbe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.methods.diff.budget import budget_count
-from diffprune.methods.artifact import load_adapter, save_adapter
-from diffprune.methods.full import single_phase
-from diffprune.methods.lora import head_modules
-from diffprune.methods.registry import Method, register
-from diffprune.training.phases import Phase
-from diffprune.training.settings import TrainSettings, option
+from diffprune.methods.peft_adapter import PeftAdapterMethod, head_modules
+from diffprune.methods.registry import register
+from diffprune.training.settings import option
 
 
 @dataclass
@@ -34,35 +30,23 @@ def linear_layers(base: BaseModel) -> dict[str, nn.Linear]:
 
 
 @register
-class Shira(Method):
+class Shira(PeftAdapterMethod):
     name = "shira"
     summary = "SHiRA through HF PEFT: a fixed random sparse subset of the linear weights trains"
     Config = ShiraOptions
     default_lr = 5e-4
 
-    def prepare(self, base: BaseModel) -> nn.Module:
-        from peft import ShiraConfig, get_peft_model
+    def peft_config(self, base: BaseModel):
+        from peft import ShiraConfig
 
         layers = linear_layers(base)
         if not layers:
             raise DiffpruneError("SHiRA needs nn.Linear layers in the base model, and this one has none")
         per_rank = sum(m.in_features + m.out_features for m in layers.values())
-        r = self.config.shira_r or max(1, round(budget_count(self.config.budget, base.num_base_params) / per_rank))
-        self.r = r
-        config = ShiraConfig(r=r, mask_type="random", random_seed=0, target_modules=sorted(layers),
-                             modules_to_save=head_modules(base))
-        model = get_peft_model(base.model, config)
-        self.entries = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "shira" in n)
-        return model
-
-    def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
-        return [single_phase(model, base, s, self.lr(s))]
-
-    def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
-        return save_adapter(model, output)
-
-    def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
-        return load_adapter(base, output)
+        self.r = self.config.shira_r or max(1, round(budget_count(self.config.budget, base.num_base_params) / per_rank))
+        self.entries = self.r * per_rank
+        return ShiraConfig(r=self.r, mask_type="random", random_seed=0, target_modules=sorted(layers),
+                           modules_to_save=head_modules(base))
 
     def record_extras(self, model: nn.Module, base: BaseModel) -> dict:
         return {"budget": self.config.budget, "shira_r": self.r, "nnz": self.entries}

@@ -1,0 +1,49 @@
+"""Methods that are HF PEFT adapters (LoRA, SHiRA): PEFT wraps the model and saves the adapter;
+diffprune only chooses the config. Reimplementing these methods here would help nobody."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from diffprune.base import BaseModel
+from diffprune.errors import DiffpruneError
+from diffprune.io import atomic_dir
+from diffprune.methods.full import single_phase
+from diffprune.methods.registry import Method
+from diffprune.training.phases import Phase
+from diffprune.training.settings import TrainSettings
+
+ADAPTER_DIR = "adapter"
+
+
+def head_modules(base: BaseModel) -> list[str]:
+    """Top-level module names holding the head, for PEFT's `modules_to_save`."""
+    return sorted({name.split(".")[0] for name in base.head_names})
+
+
+class PeftAdapterMethod(Method):
+    def peft_config(self, base: BaseModel):
+        raise NotImplementedError
+
+    def prepare(self, base: BaseModel) -> nn.Module:
+        from peft import get_peft_model
+
+        try:
+            return get_peft_model(base.model, self.peft_config(base))
+        except ValueError as e:
+            raise DiffpruneError(f"{self.name} cannot wrap this model: {str(e).splitlines()[0]}") from e
+
+    def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
+        return [single_phase(model, base, s, self.lr(s))]
+
+    def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
+        with atomic_dir(output / ADAPTER_DIR) as tmp:
+            model.save_pretrained(tmp)
+        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / ADAPTER_DIR).iterdir())}
+
+    def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base.model, output / ADAPTER_DIR)
