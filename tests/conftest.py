@@ -31,6 +31,23 @@ def tiny_bert(path: Path, dropout: float = 0.1, **overrides) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(request):
+    """Tiny models run fastest on one thread (more only add synchronisation, and fight any other
+    job on a 2-core machine); modules testing the packaged model keep every thread. Module scope:
+    a run and its comparison run inside one module must use the same number of threads."""
+    import torch
+
+    marks = getattr(request.module, "pytestmark", [])
+    if any(m.name == "integration" for m in (marks if isinstance(marks, list) else [marks])):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(tiny_bert(tmp_path_factory.mktemp("tiny-bert")))

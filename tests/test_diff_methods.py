@@ -32,15 +32,6 @@ DIFF_METHODS = ["diff", "diff-struct", "nonadaptive"]
 PAPER_LAMBDA = 1.25e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: more threads only add synchronisation (and fight any other job on the machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(output: Path, model: str, method: str, options: dict | None = None, **settings):
     """Train in process; returns the record and the final dev logits of the trained model."""
     values = dict(task="MRPC", method=method, model=model, data_dir=GLUE, output=str(output), epochs=1,

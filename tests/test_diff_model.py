@@ -17,15 +17,6 @@ from diffprune.methods.diff.model import DiffModel
 EMBEDDING = "bert.embeddings.word_embeddings.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: more threads only add synchronisation (and fight any other job on the machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def base(tiny_model_no_dropout):
     return load_base(tiny_model_no_dropout)

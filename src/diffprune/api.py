@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env, set_seed
 
 from diffprune import __version__
 from diffprune.base import BaseModel, load_base
@@ -78,20 +79,17 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     spec = get_task(settings.task)
     method = build_method(settings.method, method_options)
     computation = {**settings.computation(), "method_options": _jsonable_options(method)}
-    prepare_output(output, overwrite=settings.overwrite, resume=settings.resume)
-    if settings.resume and (output / "settings.json").exists():
-        check_resumable(output, computation)
-    save_settings(output, computation)
-
     started = time.perf_counter()
     set_seed(settings.seed)  # before the model loads: the fresh head's init depends on it
     base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
     data = load_task_data(spec, base, settings)
+    # Claimed only now, so that a bad model or data path leaves the folder as it was.
+    _prepare_run_folder(output, settings, computation)
     model = method.prepare(base)
     phases = method.phases(model, base, settings)
     # A later phase may train fewer parameters than DDP saw at wrap time.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(phases) > 1)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, kwargs_handlers=[ddp])
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=_cpu_only(), kwargs_handlers=[ddp])
     wrapped = accelerator.prepare_model(model)
     collator = make_collator(base.tokenizer)
 
@@ -150,6 +148,40 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def _prepare_run_folder(output: Path, settings: TrainSettings, computation: dict[str, Any]) -> None:
+    """Check, clear and claim the output folder on the main process only, then share the verdict.
+
+    Launched distributed, every process runs `train`; were each to check the folder, the later
+    ones would find the first one's settings.json and refuse the folder as already used.
+    """
+    state = PartialState(cpu=_cpu_only())  # the state the Accelerator made later will share
+    verdict: list[str | None] = [None]
+    if state.is_main_process:
+        try:
+            prepare_output(output, overwrite=settings.overwrite, resume=settings.resume)
+            if settings.resume and (output / "settings.json").exists():
+                check_resumable(output, computation)
+            save_settings(output, computation)
+        except DiffpruneError as e:
+            verdict[0] = str(e)
+    broadcast_object_list(verdict)  # also the barrier: no process reads the folder before it is ready
+    if verdict[0] is not None:
+        raise DiffpruneError(verdict[0])
+
+
+def _cpu_only() -> bool:
+    """Whether Accelerate must be told to use the CPU.
+
+    Accelerate forms a CPU process group (gloo) only when told to use the CPU; launched with
+    torchrun on a machine without an accelerator it would otherwise run every process as a
+    separate single-process run, each writing the same output folder.
+    """
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched and not torch.accelerator.is_available()
 
 
 def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):

@@ -1,0 +1,77 @@
+"""Two CPU processes (gloo) train the same model as one process: same global batches, same result."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GLUE_FIXTURES
+
+pytestmark = pytest.mark.distributed
+
+
+def train_args(model: str, output: Path) -> list[str]:
+    # 24 examples in global batches of 8: every process gets 4 of each batch, 3 steps an epoch
+    return ["train", "--task", "MRPC", "--method", "full", "--model", model, "--data-dir", str(GLUE_FIXTURES),
+            "--max-train-samples", "24", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3",
+            "--max-seq-length", "64", "--checkpoint-every", "2", "--log-every", "1", "--seed", "3",
+            "--output", str(output)]
+
+
+def losses(run: Path) -> dict[int, float]:
+    with open(run / "log.csv", newline="") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "loss"}
+
+
+def test_two_processes_match_one(tiny_model_no_dropout, tmp_path, one_thread):
+    from diffprune.cli import main
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    # `accelerate launch --cpu` starts a single process unless MPI is configured; torchrun starts
+    # two, and Accelerate joins them into a gloo group on a machine without an accelerator.
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "diffprune", *train_args(tiny_model_no_dropout, two)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "two.log", "w") as log:  # its own session: a hang is killed with its workers
+        proc = subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            # meanwhile, the same command in this one process
+            main(train_args(tiny_model_no_dropout, one), standalone_mode=False)
+            code = proc.wait(timeout=300)  # a hang fails here instead of blocking the suite
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = (tmp_path / "two.log").read_text()
+    assert code == 0, output[-4000:]
+    assert output.count("run written to") == 1  # one summary, from the main process
+
+    r1 = json.loads((one / "run.json").read_text())
+    r2 = json.loads((two / "run.json").read_text())
+    assert r1["num_processes"] == 1 and r2["num_processes"] == 2
+    assert r1["steps"] == r2["steps"] == 6 and r2["train_examples"] == 24
+    assert r2["score"] == r1["score"] and r2["dev"] == pytest.approx(r1["dev"])
+    assert [e["score"] for e in r2["evals"]] == [e["score"] for e in r1["evals"]]
+
+    w1 = load_file(one / "model" / "model.safetensors")
+    w2 = load_file(two / "model" / "model.safetensors")
+    start = load_file(Path(tiny_model_no_dropout) / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+    moved = max((w1[k] - start[k]).abs().max().item() for k in start if k in w1)
+    assert moved > 1e-3  # the runs really trained, so the match is not trivial
+
+    l1, l2 = losses(one), losses(two)  # the loss is averaged over the processes
+    assert l1.keys() == l2.keys() == set(range(1, 7))
+    assert all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in l1)
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1  # only the main writes

@@ -1,0 +1,286 @@
+"""The training loop in-process through `diffprune.api.train`: record, logs, determinism,
+best-keeping, the output-folder guard, divergence, the dense baselines and the data order."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GLUE_FIXTURES
+from diffprune.api import evaluate_run, train
+from diffprune.errors import DiffpruneError, TrainingDiverged
+from diffprune.training.loop import epoch_order, shard
+from diffprune.training.settings import TrainSettings
+
+
+def settings(model: str, glue_dir: str, output: Path, **overrides) -> TrainSettings:
+    values = dict(
+        task="MRPC", method="full", model=model, data_dir=glue_dir, output=str(output), seed=7,
+        epochs=2, batch_size=8, max_seq_length=64, max_train_samples=16, max_eval_samples=16,
+        checkpoint_every=2, log_every=1,
+    )
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def saved_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
+    """One finished full-finetuning run (2 epochs of 2 steps), shared by the read-only tests."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    record = train(settings(tiny_model, str(GLUE_FIXTURES), out))
+    return out, record
+
+
+# ---- the run record and the files beside it ------------------------------------------------
+
+
+def test_record_holds_the_run(reference, tiny_model):
+    out, record = reference
+    for key in ("model", "fingerprint", "task", "method", "settings", "dev", "evals", "trainable_params",
+                "seconds", "peak_rss_mb", "device"):
+        assert key in record, key
+    assert record["model"] == tiny_model and record["fingerprint"].startswith("sha256:")
+    assert record["task"] == "MRPC" and record["method"] == "full"
+    assert record["settings"]["seed"] == 7 and record["settings"]["batch_size"] == 8
+    assert record["steps"] == 4 and record["train_examples"] == 16
+    assert [(e["epoch"], e["step"]) for e in record["evals"]] == [(1.0, 2), (2.0, 4)]  # one per epoch
+    assert set(record["dev"]) >= {"f1", "accuracy", "score"} and record["score"] == record["dev"]["score"]
+    assert record["seconds"] > 0 and record["peak_rss_mb"] > 50 and record["device"].startswith("cpu")
+    assert json.loads((out / "run.json").read_text()) == json.loads(json.dumps(record))
+
+
+def test_log_csv_tensorboard_and_settings(reference):
+    out, record = reference
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["name"] for r in rows}
+    assert {"task_loss", "loss", "lr", "dev_score"} <= names
+    for name in ("task_loss", "loss", "lr"):  # log_every=1: one row per step
+        steps = [int(r["step"]) for r in rows if r["name"] == name]
+        assert steps == [1, 2, 3, 4], (name, steps)
+    assert all(math.isfinite(float(r["value"])) for r in rows)
+    lrs = [float(r["value"]) for r in rows if r["name"] == "lr"]
+    assert lrs[-1] < max(lrs)  # the linear schedule decays
+
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["seed"] == 7 and saved["epochs"] == 2 and saved["method"] == "full"
+    assert saved["method_options"] == {}
+    assert "output" not in saved and "resume" not in saved  # run control, not computation
+
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
+    progress = json.loads((out / "checkpoints" / "step-4" / "progress.json").read_text())
+    assert progress["global_step"] == 4 and len(progress["evals"]) == 2
+
+
+# ---- determinism ----------------------------------------------------------------------------
+
+
+def test_same_seed_same_run_other_seed_other_run(reference, tiny_model, glue_dir, tmp_path):
+    out, record = reference
+    first = saved_weights(out)
+
+    again = train(settings(tiny_model, glue_dir, tmp_path / "again"))
+    assert again["score"] == record["score"] and again["evals"] == record["evals"]
+    second = saved_weights(tmp_path / "again")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    other = train(settings(tiny_model, glue_dir, tmp_path / "other", seed=8))
+    third = saved_weights(tmp_path / "other")
+    assert not torch.equal(first["classifier.weight"], third["classifier.weight"])  # head init
+    assert not torch.equal(first["bert.encoder.layer.0.attention.self.query.weight"],
+                           third["bert.encoder.layer.0.attention.self.query.weight"])  # the updates
+    assert other["settings"]["seed"] == 8
+
+
+# ---- keep the best epoch --------------------------------------------------------------------
+
+
+def test_keep_best_restores_the_best_epoch(tiny_model, glue_dir, tmp_path):
+    # STS-B's correlation moves every epoch; at this lr the first epoch is the best one.
+    out = tmp_path / "stsb"
+    record = train(settings(tiny_model, glue_dir, out, task="STS-B", lr=1e-2, epochs=4, max_eval_samples=None))
+    scores = [e["score"] for e in record["evals"]]
+    assert len(scores) == 4
+    assert scores[-1] < max(scores), f"premise: the last epoch should not be the best here ({scores})"
+    best = record["evals"][scores.index(max(scores))]
+    assert record["score"] == max(scores)
+    assert record["dev"] == {k: v for k, v in best.items() if k not in ("phase", "epoch", "step")}
+    # the saved model is the best epoch's, not the last one's
+    assert evaluate_run(out, data_dir=glue_dir)["score"] == pytest.approx(max(scores), abs=1e-6)
+
+
+# ---- the output-folder guard ----------------------------------------------------------------
+
+
+def test_second_run_into_a_used_folder_is_refused(reference, tiny_model, glue_dir):
+    out, _ = reference
+    with pytest.raises(DiffpruneError, match="--overwrite"):
+        train(settings(tiny_model, glue_dir, out))
+    assert (out / "run.json").exists()
+
+
+def test_overwrite_replaces_the_run(tiny_model, glue_dir, tmp_path):
+    out = tmp_path / "run"
+    train(settings(tiny_model, glue_dir, out, max_steps=1, seed=1))
+    first = saved_weights(out)
+    record = train(settings(tiny_model, glue_dir, out, max_steps=1, seed=2, overwrite=True))
+    assert record["settings"]["seed"] == 2
+    assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 2
+    assert json.loads((out / "settings.json").read_text())["seed"] == 2
+    assert not torch.equal(first["classifier.weight"], saved_weights(out)["classifier.weight"])
+
+
+def test_resume_needs_a_run(tiny_model, glue_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DiffpruneError, match="no run to resume"):
+        train(settings(tiny_model, glue_dir, tmp_path / "empty", resume=True))
+
+
+def test_resume_refuses_a_changed_setting(reference, tiny_model, glue_dir):
+    out, _ = reference
+    before = (out / "settings.json").read_text()
+    with pytest.raises(DiffpruneError, match="'lr'") as excinfo:
+        train(settings(tiny_model, glue_dir, out, lr=1e-3, resume=True))
+    assert "--resume" in str(excinfo.value)
+    assert (out / "settings.json").read_text() == before
+
+
+# ---- divergence -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exploding_method():
+    """A test-only method whose head weight becomes inf after the third step."""
+    from diffprune.methods.full import single_phase
+    from diffprune.methods.registry import METHODS, Method, register
+
+    @register
+    class Explode(Method):
+        name = "test-explode"
+        summary = "test only: diverges after three steps"
+
+        def prepare(self, base):
+            base.model.requires_grad_(True)
+            return base.model
+
+        def phases(self, model, base, s):
+            phase = single_phase(model, base, s, self.lr(s))
+
+            def after_step(step: int, total: int) -> None:
+                if step == 3:
+                    with torch.no_grad():
+                        model.classifier.weight.fill_(float("inf"))
+
+            phase.after_step = after_step
+            return [phase]
+
+    try:
+        yield Explode.name
+    finally:
+        METHODS.pop(Explode.name, None)
+
+
+def test_diverged_run_stops_and_keeps_the_last_checkpoint(exploding_method, tiny_model, glue_dir, tmp_path):
+    out = tmp_path / "boom"
+    # 24 examples in batches of 4: 6 steps per epoch, so only checkpoint_every writes steps 2 and 4
+    with pytest.raises(TrainingDiverged, match="at step 4") as excinfo:
+        train(settings(tiny_model, glue_dir, out, method=exploding_method, batch_size=4, max_train_samples=24))
+    assert "checkpoint" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert not (out / "run.json").exists()
+
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-2"
+    assert [p.name for p in checkpoints.glob("step-*")] == ["step-2"]
+    progress = json.loads((checkpoints / "step-2" / "progress.json").read_text())
+    assert progress["global_step"] == 2 and progress["phase_step"] == 2
+    state = load_file(checkpoints / "step-2" / "trainable.safetensors")
+    assert torch.isfinite(state["classifier.weight"]).all()
+
+
+# ---- the dense baselines: trainable parameters, save -> load_artifact -------------------------
+
+
+def _expected_trainable(method: str, tiny_model: str) -> int:
+    from diffprune.base import load_base
+
+    base = load_base(tiny_model)
+    head = sum(p.numel() for p in base.head_parameters().values())
+    if method == "full":
+        return sum(p.numel() for p in base.model.parameters())
+    if method == "bitfit":
+        return head + sum(p.numel() for n, p in base.base_parameters().items() if n.endswith(".bias"))
+    hidden, layers, r = 32, 2, 8  # PEFT adapts BERT's query and value: A (r x h) and B (h x r) each
+    return head + layers * 2 * (r * hidden + hidden * r)
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora"])
+def test_method_trains_saves_and_loads(method, tiny_model, glue_dir, tmp_path):
+    out = tmp_path / method
+    record = train(settings(tiny_model, glue_dir, out, method=method, epochs=1, max_eval_samples=None))
+    expected = _expected_trainable(method, tiny_model)
+    assert record["trainable_params"] == expected
+    if method != "full":
+        assert record["trainable_params"] < 0.05 * _expected_trainable("full", tiny_model)
+    if method == "lora":
+        adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert all("lora_A" in k or "lora_B" in k or "classifier" in k for k in adapter), sorted(adapter)
+        assert sum(t.numel() for t in adapter.values()) == expected
+    for name in record["files"]:
+        assert (out / name).is_file()
+
+    metrics = evaluate_run(out, data_dir=glue_dir)
+    assert metrics.keys() == record["dev"].keys()
+    for key, value in record["dev"].items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+# ---- the data order -------------------------------------------------------------------------
+
+
+def test_epoch_order_is_a_pure_function():
+    a = epoch_order(30, 8, seed=3, phase=0, epoch=1)
+    assert a == epoch_order(30, 8, seed=3, phase=0, epoch=1)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert a == epoch_order(30, 8, seed=3, phase=0, epoch=1)
+    assert [len(b) for b in a] == [8, 8, 8, 6]
+    assert sorted(i for b in a for i in b) == list(range(30))  # every index once
+    assert a != epoch_order(30, 8, seed=3, phase=0, epoch=2)
+    assert a != epoch_order(30, 8, seed=4, phase=0, epoch=1)
+    assert a != epoch_order(30, 8, seed=3, phase=1, epoch=1)
+
+
+def test_shard_partitions_each_global_batch():
+    processes = [SimpleNamespace(process_index=i, num_processes=2) for i in range(2)]
+    for batch in epoch_order(30, 8, seed=0, phase=0, epoch=0):
+        parts = [shard(batch, p) for p in processes]
+        assert sorted(parts[0] + parts[1]) == sorted(batch)
+        assert not set(parts[0]) & set(parts[1])
+        assert abs(len(parts[0]) - len(parts[1])) <= 1
+    single = SimpleNamespace(process_index=0, num_processes=1)
+    assert shard([5, 1, 4], single) == [5, 1, 4]
+
+
+def test_a_bad_model_path_leaves_the_folder_unclaimed(tiny_model, glue_dir, tmp_path):
+    """Bad input loses nothing: the failed run does not claim the folder, so a retry needs no --overwrite."""
+    out = tmp_path / "run"
+    with pytest.raises(DiffpruneError, match="does not exist"):
+        train(TrainSettings(task="MRPC", model=str(tmp_path / "no-such-model"), data_dir=glue_dir, output=str(out)))
+    assert not (out / "settings.json").exists()
+    record = train(TrainSettings(task="MRPC", model=tiny_model, data_dir=glue_dir, output=str(out), max_steps=1,
+                                 batch_size=8, max_eval_samples=8))
+    assert record["steps"] == 1
