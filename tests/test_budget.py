@@ -146,26 +146,28 @@ def test_project_per_tensor_exactly_k_for_many_sizes():
 
 # -- DensityController ------------------------------------------------------------------------
 def test_density_schedule():
-    c = DensityController(target=0.01, start=1.0, total_steps=100, warmup=0.5, gain=0.1)
-    assert c.scheduled(0) == 1.0
-    assert c.scheduled(25) == pytest.approx(0.01 + 0.99 * 0.5**3)  # cubic: (1 - 25/50)^3
-    for step in (50, 51, 100, 10_000):
+    c = DensityController(target=0.01, start=1.0, total_steps=100, begin=0.25, reach=0.75, gain=0.1)
+    for step in (0, 10, 24):  # the warm stretch: gates held open, no penalty yet
+        assert c.scheduled(step) == 1.0 and not c.penalised(step)
+    assert c.penalised(25) and c.scheduled(25) == 1.0
+    assert c.scheduled(50) == pytest.approx(0.01 + 0.99 * 0.5**3)  # cubic: (1 - 25/50)^3
+    for step in (75, 76, 100, 10_000):
         assert c.scheduled(step) == pytest.approx(0.01, abs=1e-15)
-    values = [c.scheduled(s) for s in range(0, 60)]
+    values = [c.scheduled(s) for s in range(0, 90)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # never goes back up
 
 
 def test_density_controller_steers_lambda_with_bounded_steps():
-    c = DensityController(target=0.01, start=1.0, total_steps=100, warmup=0.5, gain=0.1)
-    lam, goal = 1e-7, c.scheduled(10)
-    up = c.update(lam, goal * 1.5, 10)  # density above schedule: more penalty
-    assert up > lam and up == pytest.approx(lam * math.exp(0.1 * 0.5))
-    down = c.update(lam, goal * 0.5, 10)  # below: less penalty
-    assert down < lam and down == pytest.approx(lam * math.exp(-0.1 * 0.5))
-    assert c.update(lam, goal, 10) == pytest.approx(lam)
-    # The factor per step is bounded by exp(gain) whatever the error.
-    assert c.update(lam, 1000.0, 10) == pytest.approx(lam * math.exp(0.1))
-    assert c.update(lam, 0.0, 10) == pytest.approx(lam * math.exp(-0.1))
+    c = DensityController(target=0.01, start=1.0, total_steps=100, begin=0.25, reach=0.75, gain=0.1)
+    lam, goal = 1e-7, c.scheduled(40)
+    up = c.update(lam, goal * 1.5, 40)  # density above schedule: more penalty
+    assert up > lam and up == pytest.approx(lam * 1.5**0.1)  # exp(gain * log(1.5))
+    down = c.update(lam, goal * 0.5, 40)  # below: less penalty
+    assert down < lam and down == pytest.approx(lam * 0.5**0.1)
+    assert c.update(lam, goal, 40) == pytest.approx(lam)
+    # Up by at most exp(gain) a step; down by at most exp(gain * max_fall), to stop a collapse fast.
+    assert c.update(lam, 1000.0, 40) == pytest.approx(lam * math.exp(0.1))
+    assert c.update(1e-7, 1e-9, 80) == pytest.approx(1e-7 * math.exp(-0.1 * 5.0))
     for density in torch.linspace(0, 5, 101).tolist():
         factor = c.update(1.0, density, 60) / 1.0
-        assert math.exp(-0.1) - 1e-12 <= factor <= math.exp(0.1) + 1e-12
+        assert math.exp(-0.5) - 1e-12 <= factor <= math.exp(0.1) + 1e-12

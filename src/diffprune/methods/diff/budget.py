@@ -69,21 +69,34 @@ class DensityController:
     each coordinate), so no fixed lambda fits every model: the paper's BERT-large value closes
     every gate of a small model on RTE. Instead lambda moves multiplicatively, up while the
     density is above its scheduled value and down while below, so the L0 phase ends near the
-    target density on any model and task. The schedule is cubic (Zhu and Gupta 2017) from the
-    starting density to the target over the first `warmup` fraction of the phase.
+    target density on any model and task.
+
+    The schedule holds the gates open for the first `begin` fraction of the phase (no penalty):
+    w starts at zero, so until it has learned something the task cannot tell the gates which
+    entries matter, and a penalty acting from the first step closes them nearly at random. It
+    then falls cubically (Zhu and Gupta 2017) to the target at `reach`, and holds. Lambda falls
+    faster than it rises: with Adam, every gate the task does not defend closes at the full
+    learning rate once the penalty outweighs Adam's epsilon, so overshoot must be stopped fast.
     """
 
     target: float
     start: float
     total_steps: int
-    warmup: float = 0.5
+    begin: float = 0.25
+    reach: float = 0.75
     gain: float = 0.1
+    max_fall: float = 5.0  # log(density / scheduled) is clipped to [-max_fall, 1]
+
+    def penalised(self, step: int) -> bool:
+        return step >= self.begin * self.total_steps
 
     def scheduled(self, step: int) -> float:
-        t = min(1.0, step / max(1.0, self.warmup * self.total_steps))
+        span = max(1.0, (self.reach - self.begin) * self.total_steps)
+        t = min(1.0, max(0.0, step - self.begin * self.total_steps) / span)
         return self.target + (self.start - self.target) * (1 - t) ** 3
 
     def update(self, lam: float, density: float, step: int) -> float:
         goal = self.scheduled(step)
-        error = max(-1.0, min(1.0, (density - goal) / goal))
+        # The log ratio weighs "twice too dense" and "half as dense as planned" alike.
+        error = max(-self.max_fall, min(1.0, math.log(max(density, 1e-12) / goal)))
         return lam * math.exp(self.gain * error)

@@ -39,6 +39,10 @@ class DiffOptions:
     target_density: float | None = option(
         None, "Density the controller steers the L0 phase to; default: twice the budget fraction."
     )
+    l0_warmup: float = option(
+        0.25, "Fraction of the L0 phase with the gates held open (no penalty) while w learns; controller only."
+    )
+    l0_reach: float = option(0.75, "Fraction of the L0 phase by which the controller reaches --target-density.")
     alpha_lr: float = option(0.1, "Learning rate of the gate logits (constant, never decayed).")
     alpha_init: float = option(5.0, "Initial gate logit (5: gates start open).")
     gate_l: float = option(-1.5, "Hard-concrete stretch, lower end.")
@@ -69,6 +73,8 @@ class DiffOptions:
                 raise DiffpruneError(f"{flag} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
         if self.target_density is not None and not 0 < self.target_density <= 1:
             raise DiffpruneError("--target-density must be in (0, 1]")
+        if not 0 <= self.l0_warmup < self.l0_reach <= 1:
+            raise DiffpruneError("need 0 <= --l0-warmup < --l0-reach <= 1")
         GateShape(self.gate_l, self.gate_r, self.gate_temperature)
 
 
@@ -214,8 +220,8 @@ class _AdaptiveDiff(_DiffBase):
                 ParamGroup("gates", gate_params, c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
             ] + self._head_groups(model, base, head_lr, s.weight_decay)
 
-        def start() -> None:
-            model.l0_lambda.fill_(c.l0_lambda if c.l0_lambda is not None else PAPER_LAMBDA)
+        def start() -> None:  # the controller starts with no penalty: see DensityController
+            model.l0_lambda.fill_(c.l0_lambda if c.l0_lambda is not None else 0.0)
 
         last_l0: list[float] = []  # the product-form expected L0 of the last step, for the controller
 
@@ -226,9 +232,13 @@ class _AdaptiveDiff(_DiffBase):
 
         def steer(step: int, total: int) -> None:
             if c.l0_lambda is None:
+                controller = DensityController(target=target, start=1.0, total_steps=total,
+                                               begin=c.l0_warmup, reach=c.l0_reach)
+                if not controller.penalised(step):
+                    return
                 density = last_l0[0] / model.total if last_l0 else model.expected_density()
-                controller = DensityController(target=target, start=1.0, total_steps=total)
-                model.l0_lambda.fill_(controller.update(float(model.l0_lambda), density, step))
+                lam = float(model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
+                model.l0_lambda.fill_(controller.update(lam, density, step))
 
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
                    warmup_ratio=s.warmup_ratio, extra_losses=penalty, on_start=start, after_step=steer,
