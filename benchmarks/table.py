@@ -89,6 +89,18 @@ def render_storage(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_study(records: list[dict]) -> str:
+    if not records:
+        return "No study runs recorded yet.\n"
+    lines = ["| run | variant | dev score | per-epoch dev | learned density | nnz |", "|---|---|---|---|---|---|"]
+    for r in records:
+        evals = ", ".join(f"{e['phase']} {100 * e['score']:.1f}" for e in r.get("evals", []))
+        density = f"{100 * r['learned_density']:.2f}%" if r.get("learned_density") is not None else "–"
+        lines.append(f"| {r['run']} | {r.get('variant', '')} | {100 * r['score']:.2f} | {evals} | {density} | "
+                     f"{r.get('nnz') or 0:,} |")
+    return "\n".join(lines) + "\n"
+
+
 def _records(path: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
@@ -107,4 +119,5 @@ def write_table(results: Path, readme: Path) -> None:
     text = _replace(text, "glue-table", render(_records(results)))
     text = _replace(text, "cost-table", render_cost(_records(results.parent / "cost.jsonl")))
     text = _replace(text, "storage-table", render_storage(_records(results.parent / "storage.jsonl")))
+    text = _replace(text, "study-table", render_study(_records(results.parent / "diff_study.jsonl")))
     readme.write_text(text)

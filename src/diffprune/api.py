@@ -83,10 +83,10 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     set_seed(settings.seed)  # before the model loads: the fresh head's init depends on it
     base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
     data = load_task_data(spec, base, settings)
-    # Claimed only now, so that a bad model or data path leaves the folder as it was.
-    _prepare_run_folder(output, settings, computation)
     model = method.prepare(base)
     phases = method.phases(model, base, settings)
+    # Claimed only now, so that a bad model, data path or method setting leaves the folder as it was.
+    _prepare_run_folder(output, settings, computation)
     # A later phase may train fewer parameters than DDP saw at wrap time.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(phases) > 1)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=_cpu_only(), kwargs_handlers=[ddp])
