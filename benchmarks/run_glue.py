@@ -41,6 +41,9 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("lora", {"lr": 5e-4, "lora_r": 8, "lora_alpha": 16, "lora_targets": "query,value"}, [1]),
     ("diff-struct", {"budget": 0.005, **FP32}, [1, 2]),
     ("shira", {"budget": 0.005}, [1]),
+    # r16: the smallest LoRA whose adapter file is at least as large as the 0.5% fp16 patch
+    # (r8 on query and value: 301,520 bytes; the MRPC patch: 341,872).
+    ("lora", {"lr": 5e-4, "lora_r": 16, "lora_alpha": 32, "lora_targets": "query,value"}, [1]),
     ("diff", {"budget": 0.005, **FP32}, [1]),
     ("nonadaptive", {"budget": 0.005, **FP32}, [1]),
     ("diff-struct", {"budget": 0.001, **FP32}, [1]),
@@ -51,7 +54,8 @@ MAIN = 4  # the first four variants form the first tier
 def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
     plan = []
     for position, (method, options, seeds) in enumerate(VARIANTS):
-        label = method + (f"@{options['budget']}" if "budget" in options else "")
+        label = method + (f"@{options['budget']}" if "budget" in options else "") \
+            + (f"@r{options['lora_r']}" if "lora_r" in options else "")
         if method not in methods and label not in methods:
             continue
         for seed_index, seed in enumerate(seeds[:max_seeds]):
@@ -64,8 +68,9 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
 
 
 def run_name(config: dict) -> str:
-    budget = config.get("budget")
-    return f"{config['task']}-{config['method']}" + (f"-b{budget}" if budget else "") + f"-s{config['seed']}"
+    budget, rank = config.get("budget"), config.get("lora_r", 8)
+    return (f"{config['task']}-{config['method']}" + (f"-b{budget}" if budget else "")
+            + (f"-r{rank}" if rank != 8 else "") + f"-s{config['seed']}")
 
 
 def recorded() -> set[str]:
@@ -108,7 +113,9 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "device": run["device"],
         "settings": {k: v for k, v in config.items() if k not in ("task", "method", "seed")},
         "evals": run["evals"],
-        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density", "adapter_bytes") if k in run},
+        # the weights a user keeps for this task: patch, adapter or full model file(s)
+        "artifact_bytes": sum(size for file, size in run["files"].items() if file.endswith(".safetensors")),
+        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density") if k in run},
     }
 
 
@@ -116,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--methods", nargs="+", default=sorted({m for m, _, _ in VARIANTS}),
-                        help="method names, or name@budget for one variant")
+                        help="method names, or name@budget / lora@rRANK for one variant")
     parser.add_argument("--seeds", type=int, default=2, help="at most this many seeds per method")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
     parser.add_argument("--table-only", action="store_true")

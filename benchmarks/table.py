@@ -11,7 +11,8 @@ TASK_ORDER = ["RTE", "MRPC", "STS-B", "SST-2", "CoLA", "QNLI", "QQP", "MNLI", "W
 
 
 def _label(r: dict) -> str:
-    return r["method"] + (f" @{r['budget']:g}" if r.get("budget") else "")
+    rank = r.get("settings", {}).get("lora_r")
+    return r["method"] + (f" @{r['budget']:g}" if r.get("budget") else "") + (f" r{rank}" if rank else "")
 
 
 def render(records: list[dict]) -> str:
@@ -51,11 +52,16 @@ def render(records: list[dict]) -> str:
         delta = f"{100 * (statistics.mean(scores) - statistics.mean(full_scores)):+.1f}" if scores else "–"
         lines.append(f"| {m} | " + " | ".join(row) + f" | {avg} | {delta} | {int(statistics.median(params)):,} | "
                      f"{statistics.median(seconds):.0f} |")
-    lines += ["", "Every run:", "", "| run | score | trainable params | seconds | peak RSS MB | device |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Every run (learned density: nonzero share of z * w at the projection, before the top-k;",
+              "artifact: the .safetensors bytes kept for the task, fp32 patch values here):", "",
+              "| run | score | per-epoch dev | learned density | trainable params | artifact bytes | seconds | "
+              "peak RSS MB | device |", "|---" * 9 + "|"]
     for r in runs:
-        lines.append(f"| {r['run']} | {100 * r['score']:.2f} | {r['trainable_params']:,} | {r['seconds']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['device']} |")
+        density = f"{100 * r['learned_density']:.3f}%" if r.get("learned_density") is not None else "–"
+        artifact = f"{r['artifact_bytes']:,}" if r.get("artifact_bytes") else "–"
+        epochs = ", ".join(f"{100 * e['score']:.1f}" for e in r.get("evals", []))
+        lines.append(f"| {r['run']} | {100 * r['score']:.2f} | {epochs} | {density} | {r['trainable_params']:,} | "
+                     f"{artifact} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {r['device']} |")
     return "\n".join(lines) + "\n"
 
 
