@@ -79,8 +79,8 @@ def recorded() -> set[str]:
     return {json.loads(line)["run"] for line in RESULTS.read_text().splitlines() if line.strip()}
 
 
-def execute(config: dict, data_dir: str | None) -> dict:
-    out = RUNS / run_name(config)
+def execute(config: dict, data_dir: str | None, name: str | None = None) -> dict:
+    out = RUNS / (name or run_name(config))
     out.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.json").write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "diffprune", "train", "--config", str(out.parent / f"{out.name}.json"),
