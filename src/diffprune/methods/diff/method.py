@@ -43,6 +43,10 @@ class DiffOptions:
         0.25, "Fraction of the L0 phase with the gates held open (no penalty) while w learns; controller only."
     )
     l0_reach: float = option(0.75, "Fraction of the L0 phase by which the controller reaches --target-density.")
+    controller_gain: float = option(0.1, "Controller: change of log(lambda) per step at a log-density error of 1.")
+    alpha_max: float | None = option(
+        None, "Upper bound of the gate logits, kept after every step (default: none, as in the paper)."
+    )
     alpha_lr: float = option(0.1, "Learning rate of the gate logits (constant, never decayed).")
     alpha_init: float = option(5.0, "Initial gate logit (5: gates start open).")
     gate_l: float = option(-1.5, "Hard-concrete stretch, lower end.")
@@ -75,6 +79,10 @@ class DiffOptions:
             raise DiffpruneError("--target-density must be in (0, 1]")
         if not 0 <= self.l0_warmup < self.l0_reach <= 1:
             raise DiffpruneError("need 0 <= --l0-warmup < --l0-reach <= 1")
+        if self.controller_gain <= 0:
+            raise DiffpruneError("--controller-gain must be positive")
+        if self.alpha_max is not None and self.alpha_max < self.alpha_init:
+            raise DiffpruneError("--alpha-max must be at least --alpha-init")
         GateShape(self.gate_l, self.gate_r, self.gate_temperature)
 
 
@@ -231,9 +239,13 @@ class _AdaptiveDiff(_DiffBase):
             return {"l0_penalty": float(model.l0_lambda) * l0}
 
         def steer(step: int, total: int) -> None:
+            if c.alpha_max is not None:
+                with torch.no_grad():
+                    for alpha in gate_params:
+                        alpha.clamp_(max=c.alpha_max)
             if c.l0_lambda is None:
                 controller = DensityController(target=target, start=1.0, total_steps=total,
-                                               begin=c.l0_warmup, reach=c.l0_reach)
+                                               begin=c.l0_warmup, reach=c.l0_reach, gain=c.controller_gain)
                 if not controller.penalised(step):
                     return
                 density = last_l0[0] / model.total if last_l0 else model.expected_density()
@@ -243,7 +255,8 @@ class _AdaptiveDiff(_DiffBase):
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
                    warmup_ratio=s.warmup_ratio, extra_losses=penalty, on_start=start, after_step=steer,
                    keep_best=False,
-                   metrics=lambda: {"expected_density": model.expected_density(), "l0_lambda": float(model.l0_lambda)})
+                   metrics=lambda: {"expected_density": model.expected_density(), "l0_lambda": float(model.l0_lambda),
+                                    "gates_above_init": model.fraction_of_gates_above(c.alpha_init)})
         return [l0, self._fixed_phase(model, base, s)]
 
 

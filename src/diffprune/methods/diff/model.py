@@ -151,6 +151,12 @@ class DiffModel(nn.Module):
             total += p * (group[i].item() if group is not None else 1.0)
         return total / self.total
 
+    @torch.no_grad()
+    def fraction_of_gates_above(self, logit: float) -> float:
+        """Share of entry gates whose logit rose above `logit`: open gates the task keeps pushing
+        further open, where the penalty's gradient (the sigmoid's slope) fades exponentially."""
+        return sum(int((a > logit).sum()) for a in self.log_alpha) / self.total
+
     # -- fixing the pattern ----------------------------------------------------------------
     @torch.no_grad()
     def fix(self, positions: torch.Tensor, values: torch.Tensor) -> None:
