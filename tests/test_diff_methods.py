@@ -160,6 +160,18 @@ def test_controller_moves_lambda_by_default(run):
     assert _log_values(out, "expected_density") and _log_values(out, "l0_penalty")
 
 
+def test_controller_gain_and_logit_cap(run):
+    options = {"budget": 0.01, "l0_warmup": 0.0, "alpha_lr": 1.0}
+    # alpha_lr 1 pushes the logits of the gates the task favours past their start at once ...
+    free, _, _ = run("free", "diff-struct", options)
+    assert max(_log_values(free, "gates_above_init")) > 0
+    # ... and the cap holds them there.
+    calm, _, _ = run("calm", "diff-struct", {**options, "controller_gain": 0.02, "alpha_max": 5.0})
+    assert _log_values(calm, "gates_above_init") == [0.0] * 3
+    lambdas = _log_values(calm, "l0_lambda")
+    assert all(abs(math.log(b / a)) <= 0.02 + 1e-9 for a, b in zip(lambdas, lambdas[1:]))
+
+
 def test_fixed_lambda_turns_the_controller_off(run):
     out, record, _ = run("fixed-lambda", "diff-struct", {"budget": 0.01, "l0_lambda": PAPER_LAMBDA})
     lambdas = _log_values(out, "l0_lambda")
@@ -239,6 +251,10 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"budget_scope": "layer"})
     with pytest.raises(DiffpruneError, match="--projection"):
         build_method("diff", {"projection": "mean"})
+    with pytest.raises(DiffpruneError, match="--alpha-max"):
+        build_method("diff", {"alpha_max": 4.0})
+    with pytest.raises(DiffpruneError, match="--controller-gain"):
+        build_method("diff", {"controller_gain": 0.0})
     with pytest.raises(DiffpruneError, match="no base parameter matches"):
         build_method("diff", {"diff_include": "nothing*"}).prepare(load_base(tiny_model))
 
