@@ -53,7 +53,7 @@ class DiffOptions:
     gate_r: float = option(1.5, "Hard-concrete stretch, upper end.")
     gate_temperature: float = option(1.0, "Hard-concrete temperature beta (1: none, as in the paper).")
     group_penalty: str = option(
-        "product", "diff-struct penalty: product (the paper) or additive (the reference code)."
+        "additive", "diff-struct penalty: additive (the reference code; default) or product (the paper's equation)."
     )
     projection: str = option("sample", "Gates used for the projection: sample (the paper: one draw) or deterministic.")
     fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
