@@ -65,6 +65,40 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_goals(records: list[dict]) -> str:
+    """The diff-pruning issue's quality goals, each checked on the tasks both sides have measured."""
+    runs = [r for r in records if r.get("kind", "run") == "run"]
+    cells: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        cells[_label(r)][r["task"]].append(r)
+    patch = cells.get("diff-struct @0.005", {})
+    patch_bytes = statistics.median(r["artifact_bytes"] for rs in patch.values() for r in rs) if patch else 0
+    big_loras = [m for m, by_task in cells.items() if m.startswith("lora") and
+                 statistics.median(r["artifact_bytes"] for rs in by_task.values() for r in rs) >= patch_bytes]
+    goals = [("diff-struct @0.005", "full", -1.0, "within 1.0 point of full finetuning"),
+             ("diff-struct @0.001", "full", -1.5, "within 1.5 points of full finetuning"),
+             ("diff-struct @0.005", "bitfit", 0.0, "above BitFit"),
+             *[("diff-struct @0.005", m, 0.0, f"above LoRA {m.split()[-1]} (adapter ≥ the {patch_bytes:,.0f} B patch)")
+               for m in sorted(big_loras)],
+             ("diff-struct @0.005", "shira @0.005", 0.0, "above SHiRA with as many changed entries")]
+    if not big_loras:
+        goals.append(("diff-struct @0.005", None, 0.0, f"above LoRA at a rank whose adapter ≥ the {patch_bytes:,.0f} B patch"))
+    lines = ["| goal | tasks compared (seeds each side) | method avg | other avg | Δ | met |", "|---|---|---|---|---|---|"]
+    for method, other, margin, text in goals:
+        common = sorted(set(cells.get(method, {})) & set(cells.get(other, {})), key=TASK_ORDER.index)
+        if not common:
+            lines.append(f"| {method}: {text} | not measured yet | – | – | – | – |")
+            continue
+        mine = statistics.mean(statistics.median(r["score"] for r in cells[method][t]) for t in common)
+        theirs = statistics.mean(statistics.median(r["score"] for r in cells[other][t]) for t in common)
+        seeds = ", ".join(f"{t} {len(cells[method][t])}/{len(cells[other][t])}" for t in common)
+        delta = 100 * (mine - theirs)  # points, as the margins are stated
+        met = "yes" if (delta >= margin if margin < 0 else delta > 0) else "no"
+        lines.append(f"| {method}: {text} | {seeds} | {100 * mine:.1f} | {100 * theirs:.1f} | "
+                     f"{delta:+.1f} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def runs_metric(runs: list[dict], task: str) -> str:
     return next(r["metric"] for r in runs if r["task"] == task)
 
@@ -131,6 +165,7 @@ def write_table(results: Path, readme: Path) -> None:
     """Rewrite the generated sections of benchmarks/README.md from every results file."""
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     text = _replace(text, "glue-table", render(_records(results)))
+    text = _replace(text, "goals-table", render_goals(_records(results)))
     text = _replace(text, "cost-table", render_cost(_records(results.parent / "cost.jsonl")))
     text = _replace(text, "storage-table", render_storage(_records(results.parent / "storage.jsonl")))
     text = _replace(text, "study-table", render_study(_records(results.parent / "diff_study.jsonl")))

@@ -1,0 +1,41 @@
+"""The generated benchmark tables: the goal checks read the records the way the issue states them."""
+
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("table", Path(__file__).parents[1] / "benchmarks" / "table.py")
+table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table)
+
+
+def run(task, method, score, budget=None, lora_r=None, artifact_bytes=1000):
+    settings = {"lora_r": lora_r} if lora_r else {}
+    return {"task": task, "method": method, "budget": budget, "score": score, "settings": settings,
+            "artifact_bytes": artifact_bytes}
+
+
+def goal_rows(records):
+    rows = table.render_goals(records).splitlines()[2:]
+    return {row.split(" | ")[0].lstrip("| "): row for row in rows}
+
+
+def test_goals_compare_common_tasks_with_median_over_seeds():
+    records = [run("RTE", "full", 0.60), run("RTE", "full", 0.58), run("MRPC", "full", 0.85),
+               run("STS-B", "full", 0.86),  # not measured for the patch: left out of both averages
+               run("RTE", "diff-struct", 0.57, 0.005), run("MRPC", "diff-struct", 0.86, 0.005),
+               run("RTE", "diff-struct", 0.50, 0.001), run("MRPC", "diff-struct", 0.80, 0.001)]
+    rows = goal_rows(records)
+    within = rows["diff-struct @0.005: within 1.0 point of full finetuning"]
+    # patch (57 + 86) / 2 = 71.5 against full (59 + 85) / 2 = 72.0: -0.5 is within 1.0
+    assert "RTE 1/2, MRPC 1/1" in within and "| 71.5 | 72.0 | -0.5 | yes |" in within
+    assert rows["diff-struct @0.001: within 1.5 points of full finetuning"].endswith("| no |")
+    assert "not measured yet" in rows["diff-struct @0.005: above SHiRA with as many changed entries"]
+
+
+def test_lora_goal_only_counts_adapters_at_least_as_large_as_the_patch():
+    records = [run("MRPC", "diff-struct", 0.86, 0.005, artifact_bytes=500),
+               run("MRPC", "lora", 0.90, lora_r=8, artifact_bytes=300),
+               run("MRPC", "lora", 0.84, lora_r=16, artifact_bytes=600)]
+    rows = goal_rows(records)
+    assert not any("LoRA r8" in name for name in rows)
+    assert rows["diff-struct @0.005: above LoRA r16 (adapter ≥ the 500 B patch)"].endswith("| +2.0 | yes |")
