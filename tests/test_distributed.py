@@ -32,28 +32,35 @@ def losses(run: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "loss"}
 
 
-def test_two_processes_match_one(tiny_model_no_dropout, tmp_path, one_thread):
-    from diffprune.cli import main
-
-    two, one = tmp_path / "two", tmp_path / "one"
+def launch_two(args: list[str], log_path: Path, meanwhile=lambda: None) -> str:
+    """Runs `diffprune ARGS` in two processes (torchrun, gloo) and `meanwhile()` in this one;
+    returns the launcher's output, asserting that it succeeded."""
     # `accelerate launch --cpu` starts a single process unless MPI is configured; torchrun starts
     # two, and Accelerate joins them into a gloo group on a machine without an accelerator.
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "diffprune", *train_args(tiny_model_no_dropout, two)]
+              "-m", "diffprune", *args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    with open(tmp_path / "two.log", "w") as log:  # its own session: a hang is killed with its workers
+    with open(log_path, "w") as log:  # its own session: a hang is killed with its workers
         proc = subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            # meanwhile, the same command in this one process
-            main(train_args(tiny_model_no_dropout, one), standalone_mode=False)
+            meanwhile()
             code = proc.wait(timeout=300)  # a hang fails here instead of blocking the suite
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    output = (tmp_path / "two.log").read_text()
+    output = log_path.read_text()
     assert code == 0, output[-4000:]
     assert output.count("run written to") == 1  # one summary, from the main process
+    return output
+
+
+def test_two_processes_match_one(tiny_model_no_dropout, tmp_path, one_thread):
+    from diffprune.cli import main
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch_two(train_args(tiny_model_no_dropout, two), tmp_path / "two.log",
+               meanwhile=lambda: main(train_args(tiny_model_no_dropout, one), standalone_mode=False))
 
     r1 = json.loads((one / "run.json").read_text())
     r2 = json.loads((two / "run.json").read_text())
@@ -75,3 +82,22 @@ def test_two_processes_match_one(tiny_model_no_dropout, tmp_path, one_thread):
     assert l1.keys() == l2.keys() == set(range(1, 7))
     assert all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in l1)
     assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1  # only the main writes
+
+
+def test_diff_pruning_on_two_processes_keeps_one_patch(tiny_model_no_dropout, tmp_path, one_thread):
+    """Each phase trains other tensors (w and the gates, then the k values) and each process
+    draws its own gate sample for the projection: the processes must still end with one model,
+    the one the patch holds."""
+    from diffprune.api import evaluate_patch
+
+    run = tmp_path / "two"
+    args = train_args(tiny_model_no_dropout, run)
+    args[args.index("full")] = "diff-struct"
+    launch_two([*args, "--budget", "0.01", "--patch-dtype", "float32"], tmp_path / "two.log")
+    record = json.loads((run / "run.json").read_text())
+    assert record["num_processes"] == 2 and record["steps"] == 12  # 2 epochs per phase, 3 steps each
+
+    # one process scores the patch as the two did: the same model, whichever process saved it
+    reevaluated = evaluate_patch(run / "patch.safetensors", data_dir=str(GLUE_FIXTURES), model=tiny_model_no_dropout,
+                                 max_seq_length=64)
+    assert reevaluated == pytest.approx(record["dev"], abs=1e-6)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env, set_seed
 
@@ -40,6 +41,7 @@ from diffprune.training.checkpoint import (
 )
 from diffprune.training.logger import RunLogger
 from diffprune.training.loop import LoopContext, predict_logits, run_phases
+from diffprune.training.phases import Phase
 from diffprune.training.settings import TrainSettings
 
 
@@ -90,7 +92,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     # A later phase may train fewer parameters than DDP saw at wrap time.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(phases) > 1)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=_cpu_only(), kwargs_handlers=[ddp])
-    wrapped = accelerator.prepare_model(model)
+    wrapped = _prepare_for_every_phase(accelerator, model, phases)
     collator = make_collator(base.tokenizer)
 
     checkpoint_path = latest_checkpoint(output) if settings.resume else None
@@ -148,6 +150,23 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def _prepare_for_every_phase(accelerator: Accelerator, model: nn.Module, phases: list[Phase]) -> nn.Module:
+    """Wrap the model (DDP when distributed) so that it synchronises what any phase trains.
+
+    DDP registers only the parameters that require gradients when it wraps the model; those a
+    later phase unfreezes (diff pruning's k values) would otherwise train apart on each process.
+    """
+    later = [p for phase in phases for group in phase.param_groups() for p in group.params]
+    frozen = [p for p in later if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return accelerator.prepare_model(model)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _prepare_run_folder(output: Path, settings: TrainSettings, computation: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffprune.errors import TrainingDiverged
+from diffprune.errors import DiffpruneError, TrainingDiverged
 from diffprune.training.checkpoint import Checkpoint, Progress, save_checkpoint
 from diffprune.training.logger import RunLogger
 from diffprune.training.phases import Phase, build_optimizer, build_scheduler
@@ -138,11 +138,28 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
                 if progress.phase_step == total:
                     break
         bar.close()
+        check_replicas(acc, ctx.trainable_state(), phase.name)
         if phase.keep_best and best is not None:
             ctx.load_trainable_state(best)
         resume = None
     progress.seconds = time.perf_counter() - clock
     return progress
+
+
+@torch.no_grad()
+def check_replicas(acc: Accelerator, state: dict[str, torch.Tensor], phase: str) -> None:
+    """Every process must end a phase with the same weights. DDP synchronises only the
+    parameters it registered when it wrapped the model, so a tensor it missed would drift apart
+    silently, each process training on its own shard; this turns that into an error."""
+    if acc.num_processes == 1:
+        return
+    tensors = [t.double() for t in state.values()]
+    # two moments per tensor: replicas hold bitwise-equal weights, so their sums agree exactly
+    sums = torch.stack([t.sum() for t in tensors] + [t.square().sum() for t in tensors]).to(acc.device)
+    everyone = acc.gather(sums.unsqueeze(0))
+    if not torch.equal(everyone.amin(0), everyone.amax(0)):
+        raise DiffpruneError(f"the processes' models differ after phase {phase}: a trained tensor was not "
+                             "synchronised between processes (please report this as a bug)")
 
 
 def train_step(

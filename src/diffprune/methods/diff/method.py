@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from diffprune.base import BaseModel
@@ -160,6 +161,10 @@ class _DiffBase(Method):
             positions = project(projection_scores(model, deltas), self.k, c.budget_scope)
             start = flat if c.fixed_init == "projected" else torch.cat([w.detach().reshape(-1) for w in model.w])
             model.fix(positions, start[positions])
+            if dist.is_available() and dist.is_initialized():
+                # each process drew its own gate sample: all keep the main process's choice
+                for t in (model.positions, model.offsets, model.values, model.learned_density):
+                    dist.broadcast(t, src=0)
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(model)
