@@ -143,6 +143,9 @@ def test_overwrite_replaces_the_run(tiny_model, glue_dir, tmp_path):
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 2
     assert json.loads((out / "settings.json").read_text())["seed"] == 2
     assert not torch.equal(first["classifier.weight"], saved_weights(out)["classifier.weight"])
+    # the run that replaces it saves nothing: the old model must not pass for its artifact
+    train(settings(tiny_model, glue_dir, out, max_steps=1, method="bitfit", save_model=False, overwrite=True))
+    assert not (out / "model").exists()
 
 
 def test_resume_needs_a_run(tiny_model, glue_dir, tmp_path):
@@ -284,3 +287,33 @@ def test_a_bad_model_path_leaves_the_folder_unclaimed(tiny_model, glue_dir, tmp_
     record = train(TrainSettings(task="MRPC", model=tiny_model, data_dir=glue_dir, output=str(out), max_steps=1,
                                  batch_size=8, max_eval_samples=8))
     assert record["steps"] == 1
+
+
+def test_peft_trains_the_head_as_its_own_group_and_nothing_else_dense(tiny_model, tmp_path):
+    """A head part inside the encoder (here a pooler the checkpoint lacks) must not make PEFT
+    train the whole encoder; and the head PEFT renames still gets --head-lr."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from diffprune.base import load_base
+    from diffprune.methods import build_method
+
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(tiny_model, folder)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if "pooler" not in k}, folder / "model.safetensors")
+    base = load_base(str(folder), 2)
+    assert "bert.pooler.dense.weight" in base.head_names
+
+    method = build_method("lora", {})
+    model = method.prepare(base)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or ".modules_to_save." in n for n in trained), sorted(trained)
+    assert any("pooler" in n for n in trained) and any("classifier" in n for n in trained)
+    assert not any(("encoder" in n or "embeddings" in n) and "lora_" not in n for n in trained)
+
+    groups = method.phases(model, base, TrainSettings(task="MRPC", lr=1e-3, head_lr=1e-2))[0].param_groups()
+    head = {id(p) for g in groups if g.name.startswith("head") for p in g.params}
+    assert head == {id(p) for n, p in model.named_parameters() if n in trained and "lora_" not in n}
+    assert {g.lr for g in groups if g.name.startswith("head")} == {1e-2}

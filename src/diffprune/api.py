@@ -31,7 +31,7 @@ from diffprune.glue import (
 )
 from diffprune.io import write_json
 from diffprune.methods import build_method
-from diffprune.methods.registry import Method
+from diffprune.methods.registry import Method, artifact_names
 from diffprune.training.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -179,7 +179,7 @@ def _prepare_run_folder(output: Path, settings: TrainSettings, computation: dict
     verdict: list[str | None] = [None]
     if state.is_main_process:
         try:
-            prepare_output(output, overwrite=settings.overwrite, resume=settings.resume)
+            prepare_output(output, overwrite=settings.overwrite, resume=settings.resume, artifacts=artifact_names())
             if settings.resume and (output / "settings.json").exists():
                 check_resumable(output, computation)
             save_settings(output, computation)

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from diffprune.base import BaseModel
-from diffprune.methods.artifact import head_state, load_patched, patch_meta, save_patch
+from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
 from diffprune.methods.full import single_phase
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
@@ -23,6 +23,7 @@ def is_bias(name: str) -> bool:
 @register
 class BitFit(Method):
     name = "bitfit"
+    artifact = PATCH_FILE
     summary = "BitFit: biases of the base and the task head train, nothing else"
     default_lr = 1e-3
 

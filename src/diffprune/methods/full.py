@@ -16,6 +16,7 @@ from diffprune.training.settings import TrainSettings
 @register
 class FullFinetune(Method):
     name = "full"
+    artifact = "model"
     summary = "full finetuning: all parameters train (a full model copy per task)"
 
     def prepare(self, base: BaseModel) -> nn.Module:
@@ -26,22 +27,25 @@ class FullFinetune(Method):
         return [single_phase(model, base, s, self.lr(s))]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
-        with atomic_dir(output / "model") as tmp:
+        with atomic_dir(output / self.artifact) as tmp:
             model.save_pretrained(tmp)
             base.tokenizer.save_pretrained(tmp)
-        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / "model").iterdir())}
+        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / self.artifact).iterdir())}
 
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
-        return load_base(output / "model", base.model.config.num_labels, labels=base.labels,
+        return load_base(output / self.artifact, base.model.config.num_labels, labels=base.labels,
                          regression=base.model.config.problem_type == "regression").model
 
 
-def single_phase(model: nn.Module, base: BaseModel, s: TrainSettings, lr: float) -> Phase:
-    """The one-phase schedule shared by the dense baselines."""
+def single_phase(model: nn.Module, base: BaseModel, s: TrainSettings, lr: float,
+                 head_names: frozenset[str] | None = None) -> Phase:
+    """The one-phase schedule shared by the dense baselines (`head_names`: the head's parameter
+    names in `model`, when a wrapper renamed them)."""
     head_lr = s.head_lr if s.head_lr is not None else lr
+    head = head_names if head_names is not None else base.head_names
     return Phase(
         name="finetune",
-        param_groups=lambda: standard_groups(model.named_parameters(), base.head_names, lr, head_lr, s.weight_decay),
+        param_groups=lambda: standard_groups(model.named_parameters(), head, lr, head_lr, s.weight_decay),
         epochs=s.epochs,
         max_steps=s.max_steps,
         warmup_ratio=s.warmup_ratio,

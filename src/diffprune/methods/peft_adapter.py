@@ -19,11 +19,15 @@ ADAPTER_DIR = "adapter"
 
 
 def head_modules(base: BaseModel) -> list[str]:
-    """Top-level module names holding the head, for PEFT's `modules_to_save`."""
-    return sorted({name.split(".")[0] for name in base.head_names})
+    """Names of the modules holding the head, for PEFT's `modules_to_save` (the modules
+    themselves, not their top-level parents: a head inside the encoder must not make the whole
+    encoder trainable)."""
+    return sorted({name.rsplit(".", 1)[0] for name in base.head_names})
 
 
 class PeftAdapterMethod(Method):
+    artifact = ADAPTER_DIR
+
     def peft_config(self, base: BaseModel):
         raise NotImplementedError
 
@@ -36,7 +40,9 @@ class PeftAdapterMethod(Method):
             raise DiffpruneError(f"{self.name} cannot wrap this model: {str(e).splitlines()[0]}") from e
 
     def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
-        return [single_phase(model, base, s, self.lr(s))]
+        # PEFT renames the head it trains: `...classifier.modules_to_save.default.weight`
+        head = frozenset(n for n, _ in model.named_parameters() if ".modules_to_save." in n)
+        return [single_phase(model, base, s, self.lr(s), head_names=head)]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
         with atomic_dir(output / ADAPTER_DIR) as tmp:

@@ -32,6 +32,7 @@ class Method:
     summary: ClassVar[str]
     Config: ClassVar[type] = NoOptions
     default_lr: ClassVar[float] = 5e-5
+    artifact: ClassVar[str | None] = None  # the file or folder `save` writes into the run folder
 
     def lr(self, settings: TrainSettings) -> float:
         return settings.lr if settings.lr is not None else self.default_lr
@@ -70,6 +71,11 @@ class Method:
     def record_extras(self, model: nn.Module, base: BaseModel) -> dict[str, Any]:
         """Method-specific fields for the run record (e.g. nnz and budget for a patch)."""
         return {}
+
+
+def artifact_names() -> set[str]:
+    """What any method may have saved into a run folder (cleared by --overwrite)."""
+    return {m.artifact for m in METHODS.values() if m.artifact}
 
 
 def register(cls: type[Method]) -> type[Method]:

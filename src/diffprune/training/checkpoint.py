@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,8 +37,9 @@ class Progress:
     seconds: float = 0.0  # training time spent before this checkpoint (for the record's wall time)
 
 
-def prepare_output(output: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix runs in one folder unless the user said which way to go."""
+def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: Iterable[str] = ()) -> None:
+    """Refuse to mix runs in one folder unless the user said which way to go. `--overwrite`
+    also clears `artifacts` (what a method saves), so no old patch or model outlives its run."""
     used = [m for m in RUN_MARKERS if (output / m).exists()]
     if resume:
         if not latest_checkpoint(output) and not (output / "settings.json").exists():
@@ -47,7 +48,7 @@ def prepare_output(output: Path, *, overwrite: bool, resume: bool) -> None:
     if used and not overwrite:
         raise DiffpruneError(f"{output} already holds a run ({used[0]}); pass --overwrite to replace it or --resume to continue it")
     if overwrite:
-        for m in RUN_MARKERS + ("log.csv", "tensorboard", "best.safetensors"):
+        for m in (*RUN_MARKERS, "log.csv", "tensorboard", "best.safetensors", *artifacts):
             path = output / m
             if path.is_dir():
                 shutil.rmtree(path)

@@ -110,6 +110,7 @@ def projection_scores(model: DiffModel, deltas: list[torch.Tensor]) -> list[torc
 
 class _DiffBase(Method):
     Config = DiffOptions
+    artifact = PATCH_FILE
     structured = False
     mode = "l0"
 
