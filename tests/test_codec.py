@@ -105,6 +105,9 @@ def test_decode_rejects_corrupt_data():
         decode_positions("all", np.zeros(1, np.uint8), 10, 10)
     with pytest.raises(DiffpruneError):
         decode_positions("none", np.zeros(0, np.uint8), 10, 1)
+    assert decode_positions("bitmask", np.zeros(2, np.uint8), 10, 0).size == 0  # a mask with no entries
+    with pytest.raises(DiffpruneError):
+        decode_positions("bitmask", np.array([1, 0], np.uint8), 10, 0)
 
 
 def test_decode_rejects_unordered_elias_fano():

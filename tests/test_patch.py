@@ -191,12 +191,24 @@ def test_corrupt_files_refused(base, tmp_path):
     save_file(tensors, str(tmp_path / "format.safetensors"), metadata={**metadata, "format": "pt"})
     save_file({**tensors, "values": tensors["values"][:-1].clone()}, str(tmp_path / "values.safetensors"), metadata=metadata)
     save_file(tensors, str(tmp_path / "version.safetensors"), metadata={**metadata, "format_version": "9"})
-    for name in [*cases, "table.safetensors", "format.safetensors", "values.safetensors", "version.safetensors"]:
+    nan = tensors["values"].clone()
+    nan[0] = float("nan")
+    save_file({**tensors, "values": nan}, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    meta = {**json.loads(metadata["meta"]), "base_params": "many"}
+    save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={**metadata, "meta": json.dumps(meta)})
+    for name in [*cases, "table.safetensors", "format.safetensors", "values.safetensors", "version.safetensors",
+                 "nan.safetensors", "meta.safetensors"]:
         with pytest.raises(DiffpruneError) as e:
             TaskPatch.load(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DiffpruneError, match="does not exist"):
         TaskPatch.load(tmp_path / "missing.safetensors")
+
+    # a bitmask row with no entries is valid (an empty mask decodes to nothing) and must not crash
+    rows = [["extra.bias", [32], 0, "bitmask", 0, 4]] + [[*r[:4], r[4] + 4, r[5]] for r in json.loads(metadata["tensors"])]
+    save_file({**tensors, "positions": torch.cat([torch.zeros(4, dtype=torch.uint8), tensors["positions"]])},
+              str(tmp_path / "empty-row.safetensors"), metadata={**metadata, "tensors": json.dumps(rows)})
+    assert TaskPatch.load(tmp_path / "empty-row.safetensors").diffs["extra.bias"].nnz == 0
 
 
 def test_export_loads_with_transformers(base, tmp_path):

@@ -150,6 +150,6 @@ def decode_positions(codec: str, data: np.ndarray, numel: int, nnz: int) -> np.n
         bits = np.unpackbits(data[:low_bytes], count=nnz * low_bits).reshape(nnz, low_bits).astype(np.int64)
         weights = np.int64(1) << np.arange(low_bits - 1, -1, -1, dtype=np.int64)
         positions = (high << low_bits) | (bits @ weights)
-    if positions[-1] >= numel or np.any(positions[1:] <= positions[:-1]):
+    if positions.size and (positions[-1] >= numel or np.any(positions[1:] <= positions[:-1])):
         raise DiffpruneError(f"decoded {codec} positions are not strictly increasing indices below {numel}")
     return positions

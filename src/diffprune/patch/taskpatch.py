@@ -68,6 +68,22 @@ def _sparse(dense: torch.Tensor, mask: torch.Tensor) -> SparseDiff:
     return SparseDiff(tuple(dense.shape), positions, dense.reshape(-1)[positions])
 
 
+
+# The meta fields that code reads back (apply, info, eval), with the types it relies on.
+META_TYPES = {"base": (str, type(None)), "method": (str, type(None)), "task": (str, type(None)),
+              "base_params": int, "num_labels": (int, type(None)), "labels": (list, type(None)),
+              "problem_type": (str, type(None)), "metrics": dict, "config": dict}
+
+
+def _check_meta_types(meta: dict) -> None:
+    for key, types in META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+            raise DiffpruneError(f"patch meta '{key}' is a {type(meta[key]).__name__}: {meta[key]!r}")
+    if any(not isinstance(v, (int, float)) for v in meta.get("metrics", {}).values()):
+        raise DiffpruneError("patch meta 'metrics' must map names to numbers")
+    if any(not isinstance(v, str) for v in meta.get("labels") or []):
+        raise DiffpruneError("patch meta 'labels' must be a list of strings")
+
 @dataclass
 class TaskPatch:
     """diffs: base parameter name -> SparseDiff; head: dense head tensors; meta: JSON-able facts."""
@@ -98,6 +114,7 @@ class TaskPatch:
             raise DiffpruneError("patch meta needs the base model's 'fingerprint'")
         self.meta.setdefault("library_version", diffprune.__version__)
         self.meta.setdefault("base_params", sum(d.numel for d in self.diffs.values()))
+        _check_meta_types(self.meta)
         try:
             json.dumps(self.meta)
         except (TypeError, ValueError) as e:
@@ -253,6 +270,8 @@ class TaskPatch:
         head = {k[len("head.") :]: t for k, t in tensors.items()}
         if any(not t.is_floating_point() for t in head.values()):
             raise DiffpruneError("a head tensor is not floating point")
+        if not all(bool(torch.isfinite(t).all()) for t in [values, *head.values()]):
+            raise DiffpruneError("it holds values that are not finite (NaN or inf)")
         patch = cls(diffs, head, meta)
         patch._value_dtype = value_dtype
         return patch
