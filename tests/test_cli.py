@@ -149,6 +149,13 @@ def test_bad_config_file(work):
     (work / "typo.json").write_text(json.dumps({"learning_rate": 1e-3}))
     line = invoked_error(invoke("train", "--config", str(work / "typo.json"), "--output", str(work / "bc")))
     assert "learning_rate" in line
+    (work / "types.toml").write_text('epochs = "3"\n')  # a string where a number belongs
+    line = invoked_error(invoke("train", "--config", str(work / "types.toml"), "--output", str(work / "bc")))
+    assert "epochs" in line and "'3'" in line
+    (work / "option-types.toml").write_text('method = "diff"\nalpha_lr = "fast"\n')
+    line = invoked_error(invoke("train", "--config", str(work / "option-types.toml"), "--output", str(work / "bc")))
+    assert "alpha_lr" in line and "'fast'" in line
+    assert not (work / "bc").exists()  # nothing was claimed
 
 
 # ---- a real run and what one does with it ---------------------------------------------------

@@ -255,6 +255,10 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"alpha_max": 4.0})
     with pytest.raises(DiffpruneError, match="--controller-gain"):
         build_method("diff", {"controller_gain": 0.0})
+    with pytest.raises(DiffpruneError, match="--fixed-lr"):
+        build_method("diff", {"fixed_lr": -1e-3})
+    with pytest.raises(DiffpruneError, match="'budget' must be float"):
+        build_method("diff", {"budget": "0.5%"})
     with pytest.raises(DiffpruneError, match="no base parameter matches"):
         build_method("diff", {"diff_include": "nothing*"}).prepare(load_base(tiny_model))
 

@@ -317,3 +317,39 @@ def test_peft_trains_the_head_as_its_own_group_and_nothing_else_dense(tiny_model
     head = {id(p) for g in groups if g.name.startswith("head") for p in g.params}
     assert head == {id(p) for n, p in model.named_parameters() if n in trained and "lora_" not in n}
     assert {g.lr for g in groups if g.name.startswith("head")} == {1e-2}
+
+
+@pytest.mark.parametrize("damaged", ["state.pt", "trainable.safetensors", "progress.json"])
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(reference, tiny_model, glue_dir, tmp_path, damaged):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    data = (latest / damaged).read_bytes()
+    (latest / damaged).write_bytes(data[: len(data) // 2])  # a half-written file
+    with pytest.raises(DiffpruneError, match="unreadable") as excinfo:
+        train(settings(tiny_model, glue_dir, out, resume=True))
+    assert damaged in str(excinfo.value) or str(latest) in str(excinfo.value)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"log_every": 0}, "--log-every"), ({"max_train_samples": -3}, "--max-train-samples"),
+    ({"max_grad_norm": -1.0}, "--max-grad-norm"), ({"batch_size": 8.5}, "'batch_size' must be int"),
+    ({"save_model": "no"}, "'save_model' must be bool"), ({"seed": True}, "'seed' must be int"),
+])
+def test_bad_settings_are_refused_before_anything_runs(bad, message, tiny_model, glue_dir, tmp_path):
+    with pytest.raises(DiffpruneError, match=message):
+        settings(tiny_model, glue_dir, tmp_path / "run", **bad)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_training_set_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    glue = tmp_path / "glue"
+    shutil.copytree(GLUE_FIXTURES / "MRPC", glue / "MRPC")
+    train_file = glue / "MRPC" / "train.tsv"
+    train_file.write_text(train_file.read_text(encoding="utf-8-sig").splitlines()[0] + "\n")  # the header alone
+    with pytest.raises(DiffpruneError, match="MRPC training set is empty"):
+        train(settings(tiny_model, str(glue), tmp_path / "run"))

@@ -58,6 +58,8 @@ def load_task_data(spec: TaskSpec, base: BaseModel, settings: TrainSettings, wit
         return TokenizedDataset(examples[:limit] if limit else examples, base.tokenizer, settings.max_seq_length)
 
     train = tokenized("train", settings.max_train_samples) if with_train else None
+    if train is not None and len(train) == 0:
+        raise DiffpruneError(f"the {spec.name} training set is empty")
     dev = {split: tokenized(split, settings.max_eval_samples) for split in spec.dev_splits}
     return TaskData(spec, train, dev)
 

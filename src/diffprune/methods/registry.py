@@ -17,7 +17,7 @@ from torch import nn
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.training.phases import Phase
-from diffprune.training.settings import TrainSettings
+from diffprune.training.settings import TrainSettings, check_types
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -99,4 +99,5 @@ def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
     if unknown:
         allowed = ", ".join(sorted(known)) or "none"
         raise DiffpruneError(f"option(s) {', '.join(unknown)} do not apply to method '{name}' (its options: {allowed})")
+    check_types(cls.Config, options or {})
     return cls(cls.Config(**(options or {})))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffprune.errors import DiffpruneError
@@ -125,8 +127,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         trainable = load_file(path / "trainable.safetensors")
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
         state = torch.load(path / "state.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
-        raise DiffpruneError(f"checkpoint {path} is unreadable: {e}") from e
+    except (OSError, ValueError, RuntimeError, TypeError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffpruneError(f"checkpoint {path} is unreadable: {first_line}") from e
     return Checkpoint(path, progress, trainable, best, state)
 
 

@@ -12,6 +12,25 @@ def option(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+_KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def check_types(cls: type, values: dict[str, Any]) -> None:
+    """Each value given for a field of the settings dataclass `cls` has the field's annotated
+    type. Values from a config file or the Python API arrive untyped (TOML `epochs = "3"` is a
+    string); this makes them a clear error instead of a TypeError deep inside the run."""
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        kinds = str(f.type).replace(" ", "").split("|")  # annotations are strings here
+        if value is None and "None" in kinds:
+            continue
+        if not any(k in _KINDS and isinstance(value, _KINDS[k]) and (k == "bool" or not isinstance(value, bool))
+                   for k in kinds):
+            raise DiffpruneError(f"setting '{f.name}' must be {' or '.join(kinds)}, not {value!r}")
+
+
 @dataclass
 class TrainSettings:
     task: str = option("MRPC", "GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE or WNLI.")
@@ -46,6 +65,7 @@ class TrainSettings:
     resume: bool = option(False, "Continue the interrupted run in --output from its last checkpoint.")
 
     def __post_init__(self) -> None:
+        check_types(type(self), vars(self))
         checks = [
             (self.epochs > 0, "--epochs must be positive"),
             (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
@@ -53,6 +73,11 @@ class TrainSettings:
             ((self.lr is None or self.lr > 0) and (self.head_lr is None or self.head_lr > 0), "learning rates must be positive"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.max_seq_length > 8, "--max-seq-length must be larger than 8"),
+            (self.weight_decay >= 0 and self.max_grad_norm >= 0, "--weight-decay and --max-grad-norm cannot be negative"),
+            (all(n is None or n > 0 for n in (self.max_train_samples, self.max_eval_samples)),
+             "--max-train-samples and --max-eval-samples must be positive"),
+            (self.log_every > 0 and self.checkpoint_every >= 0,
+             "--log-every must be positive and --checkpoint-every not negative"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
             (not (self.overwrite and self.resume), "--overwrite and --resume exclude each other"),
         ]

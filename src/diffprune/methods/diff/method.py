@@ -82,6 +82,10 @@ class DiffOptions:
             raise DiffpruneError("need 0 <= --l0-warmup < --l0-reach <= 1")
         if self.controller_gain <= 0:
             raise DiffpruneError("--controller-gain must be positive")
+        if self.alpha_lr <= 0 or (self.fixed_lr is not None and self.fixed_lr <= 0):
+            raise DiffpruneError("--alpha-lr and --fixed-lr must be positive")
+        if self.fixed_epochs is not None and self.fixed_epochs < 0:
+            raise DiffpruneError("--fixed-epochs cannot be negative")
         if self.alpha_max is not None and self.alpha_max < self.alpha_init:
             raise DiffpruneError("--alpha-max must be at least --alpha-init")
         GateShape(self.gate_l, self.gate_r, self.gate_temperature)
