@@ -166,9 +166,11 @@ def test_resume_refuses_a_changed_setting(reference, tiny_model, glue_dir):
 # ---- divergence -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def exploding_method():
-    """A test-only method whose head weight becomes inf after the third step."""
+@pytest.fixture(params=["weights", "gradient"])
+def exploding_method(request):
+    """A test-only method that diverges after the third step: its head weight becomes inf (so
+    the next loss is not finite), or its gradient does (a finite loss whose step would write
+    NaN weights, and checkpoint them)."""
     from diffprune.methods.full import single_phase
     from diffprune.methods.registry import METHODS, Method, register
 
@@ -185,9 +187,11 @@ def exploding_method():
             phase = single_phase(model, base, s, self.lr(s))
 
             def after_step(step: int, total: int) -> None:
-                if step == 3:
+                if step == 3 and request.param == "weights":
                     with torch.no_grad():
                         model.classifier.weight.fill_(float("inf"))
+                if step == 3 and request.param == "gradient":
+                    model.classifier.weight.register_hook(lambda grad: grad * float("inf"))
 
             phase.after_step = after_step
             return [phase]

@@ -168,7 +168,7 @@ def train_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step: forward, named loss terms, backward, per-group clipping, update.
     Returns the detached loss terms; raises FloatingPointError (on every process) if the loss
-    is not finite, before anything is updated."""
+    or a gradient is not finite, before anything is updated."""
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     with acc.autocast():
         outputs = model(**batch)
@@ -182,10 +182,19 @@ def train_step(
     acc.backward(loss)
     if acc.sync_gradients:
         acc.unscale_gradients()
+        norms = []
         for g in groups:
             limit = g.max_grad_norm if g.max_grad_norm is not None else max_grad_norm
+            grads = [p.grad for p in g.params if p.grad is not None]
             if limit:
-                torch.nn.utils.clip_grad_norm_(g.params, limit)
+                norms.append(torch.nn.utils.clip_grad_norm_(g.params, limit))
+            elif grads:
+                norms.append(torch.nn.utils.get_total_norm(grads))
+        # A finite loss can still have an inf gradient; its step would write NaN weights. (With
+        # fp16 loss scaling an inf gradient is expected: the scaler skips that step itself.)
+        # The gradients are all-reduced, so every process reaches the same verdict.
+        if norms and acc.scaler is None and not bool(torch.isfinite(torch.stack(norms)).all()):
+            raise FloatingPointError("a gradient became infinite or NaN")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
