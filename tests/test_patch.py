@@ -286,3 +286,13 @@ def test_packaged_model_half_percent_patch(tmp_path):
     assert not all(torch.equal(before[k], changed[k]) for k in before)
     applied.revert()
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+
+
+def test_export_refuses_a_folder_in_use(base, tmp_path):
+    patch, _, _ = _random_patch(base)
+    used = tmp_path / "run"
+    used.mkdir()
+    (used / "run.json").write_text("{}")
+    with pytest.raises(DiffpruneError, match="not an empty folder"):
+        export_model(patch, base, used)
+    assert [p.name for p in used.iterdir()] == ["run.json"]  # nothing lost, nothing added

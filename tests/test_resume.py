@@ -60,6 +60,14 @@ def log_rows(run: Path) -> list[tuple[str, str, str, str]]:
         return [(r["step"], r["phase"], r["name"], r["value"]) for r in csv.DictReader(f)]
 
 
+def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()  # also applies the purge a resumed writer records
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path, one_thread):
     from diffprune.cli import main
 
@@ -111,3 +119,5 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path, on
 
     # the log is rewound to the checkpoint and continued: the same rows as the whole run
     assert log_rows(killed) == log_rows(whole)
+    for tag in ("finetune/loss", "finetune/dev_score"):  # and so is TensorBoard's
+        assert tensorboard_scalars(killed, tag) == tensorboard_scalars(whole, tag), tag

@@ -28,7 +28,7 @@ from torch import nn
 
 import diffprune
 from diffprune.errors import DiffpruneError
-from diffprune.io import atomic_path
+from diffprune.io import atomic_dir, atomic_path
 from diffprune.patch.codec import choose_codec, decode_positions, encode_positions
 
 if TYPE_CHECKING:
@@ -380,6 +380,8 @@ class AppliedPatch:
 def export_model(patch: TaskPatch, base: BaseModel, output_dir: str | os.PathLike) -> Path:
     """Write base+patch as a plain transformers model folder (loads with AutoModelForSequenceClassification)."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise DiffpruneError(f"{output_dir} exists and is not an empty folder; export writes a new model folder")
     config = base.model.config
     saved_labels = (config.id2label, config.label2id)
     labels = patch.meta.get("labels")
@@ -388,8 +390,9 @@ def export_model(patch: TaskPatch, base: BaseModel, output_dir: str | os.PathLik
             if labels and len(labels) == config.num_labels:  # name the outputs like the task does
                 config.id2label = dict(enumerate(labels))
                 config.label2id = {label: i for i, label in enumerate(labels)}
-            base.model.save_pretrained(output_dir)
-            base.tokenizer.save_pretrained(output_dir)
+            with atomic_dir(output_dir) as tmp:
+                base.model.save_pretrained(tmp)
+                base.tokenizer.save_pretrained(tmp)
         finally:
             config.id2label, config.label2id = saved_labels
     return output_dir

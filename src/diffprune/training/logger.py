@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from diffprune.io import atomic_path
+
 COLUMNS = ["step", "phase", "epoch", "name", "value"]
 
 
@@ -23,15 +25,18 @@ class RunLogger:
                 kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         else:
             kept = []
-        self._file = open(self.path, "w", newline="")
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            table = csv.DictWriter(f, fieldnames=COLUMNS)
+            table.writeheader()
+            table.writerows(kept)
+        self._file = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        self._csv.writeheader()
-        self._csv.writerows(kept)
-        self._file.flush()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=resume_step)
+            # purge_step drops events at that step and after: keep the checkpoint's own step
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=purge)
         except ImportError:  # tensorboard is a dependency, but the CSV alone is still a full log
             self._tb = None
 
@@ -43,6 +48,11 @@ class RunLogger:
             if self._tb is not None:
                 self._tb.add_scalar(f"{phase}/{name}", value, step)
         self._file.flush()
+
+    def flush(self) -> None:
+        """Put every event so far on disk (at a checkpoint: a run killed later keeps them)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if not self.enabled:

@@ -89,6 +89,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
             progress.seconds = time.perf_counter() - clock
             if acc.is_main_process:
                 save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler)
+                ctx.logger.flush()
             acc.wait_for_everyone()
 
         def evaluate() -> None:
