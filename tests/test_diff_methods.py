@@ -382,3 +382,12 @@ def test_patch_refused_on_another_base(run, other_tiny, tiny_model):
     message = str(error.value)
     assert record["fingerprint"] in message and other.fingerprint in message and "\n" not in message
     assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
+
+
+def test_eval_of_a_patch_takes_a_split(run):
+    out, record, _ = run("diff", "diff", {"budget": 0.01})
+    patch = out / "patch.safetensors"
+    assert TaskPatch.load(patch).meta["max_seq_length"] == record["settings"]["max_seq_length"]
+    assert api.evaluate_patch(patch, data_dir=GLUE, split="dev").keys() == record["dev"].keys()
+    with pytest.raises(DiffpruneError, match="no dev split 'matched'"):
+        api.evaluate_patch(patch, data_dir=GLUE, split="matched")

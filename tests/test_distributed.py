@@ -98,6 +98,6 @@ def test_diff_pruning_on_two_processes_keeps_one_patch(tiny_model_no_dropout, tm
     assert record["num_processes"] == 2 and record["steps"] == 12  # 2 epochs per phase, 3 steps each
 
     # one process scores the patch as the two did: the same model, whichever process saved it
-    reevaluated = evaluate_patch(run / "patch.safetensors", data_dir=str(GLUE_FIXTURES), model=tiny_model_no_dropout,
-                                 max_seq_length=64)
+    # (the patch records the run's --max-seq-length 64, so eval truncates the same way)
+    reevaluated = evaluate_patch(run / "patch.safetensors", data_dir=str(GLUE_FIXTURES), model=tiny_model_no_dropout)
     assert reevaluated == pytest.approx(record["dev"], abs=1e-6)

@@ -223,18 +223,14 @@ def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):
 def evaluate_run(run_dir: str | Path, data_dir: str | None = None, batch_size: int = 128,
                  split: str | None = None) -> dict[str, float]:
     settings, spec, base, model = load_run(run_dir, data_dir, batch_size)
-    settings.max_eval_samples = None
-    data = load_task_data(spec, base, settings, with_train=False)
-    if split is not None:
-        if split not in data.dev:
-            raise DiffpruneError(f"{spec.name} has no dev split '{split}'; choose one of {', '.join(data.dev)}")
-        data.dev = {split: data.dev[split]}
-    return dev_metrics(model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
+    return _score(model, base, spec, settings, batch_size, split)
 
 
 def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: str | None = None,
-                   batch_size: int = 128, model: str | None = None, max_seq_length: int = 128) -> dict[str, float]:
-    """Apply a patch onto its base (fingerprint checked) and score it on the task's dev set(s)."""
+                   batch_size: int = 128, model: str | None = None, max_seq_length: int | None = None,
+                   split: str | None = None) -> dict[str, float]:
+    """Apply a patch onto its base (fingerprint checked) and score it on the task's dev set(s),
+    with inputs truncated as in training (recorded in the patch) unless `max_seq_length` says."""
     from diffprune.patch import TaskPatch
     from diffprune.patch.ops import base_for
 
@@ -242,9 +238,21 @@ def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: st
     spec = get_task(task or patch.meta.get("task") or "")
     base = base_for(patch, model)
     patch.apply(base.model, base.fingerprint)
-    settings = TrainSettings(task=spec.name, data_dir=data_dir, max_seq_length=max_seq_length)
+    length = max_seq_length or patch.meta.get("max_seq_length") or TrainSettings.max_seq_length
+    settings = TrainSettings(task=spec.name, data_dir=data_dir, max_seq_length=length)
+    return _score(base.model, base, spec, settings, batch_size, split)
+
+
+def _score(model, base: BaseModel, spec: TaskSpec, settings: TrainSettings, batch_size: int,
+           split: str | None) -> dict[str, float]:
+    """Metrics of a model on the task's dev split(s): every split, or the one named."""
+    settings.max_eval_samples = None
     data = load_task_data(spec, base, settings, with_train=False)
-    return dev_metrics(base.model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
+    if split is not None:
+        if split not in data.dev:
+            raise DiffpruneError(f"{spec.name} has no dev split '{split}'; choose one of {', '.join(data.dev)}")
+        data.dev = {split: data.dev[split]}
+    return dev_metrics(model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
 
 
 def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = None,

@@ -143,7 +143,8 @@ def eval_command(run_dir, data_dir, batch_size, patch_file, task, model, split, 
     if bool(run_dir) == bool(patch_file):
         _run(_fail, "eval needs exactly one of --run DIR or --patch FILE")
     if patch_file:
-        metrics = _run(evaluate_patch, patch_file, task, data_dir=data_dir, batch_size=batch_size, model=model)
+        metrics = _run(evaluate_patch, patch_file, task, data_dir=data_dir, batch_size=batch_size, model=model,
+                       split=split)
     else:
         metrics = _run(evaluate_run, run_dir, data_dir=data_dir, batch_size=batch_size, split=split)
     click.echo(json.dumps(metrics, indent=2) if as_json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

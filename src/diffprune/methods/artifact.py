@@ -26,6 +26,7 @@ def patch_meta(base: BaseModel, method: Any, record: dict) -> dict:
         "problem_type": base.model.config.problem_type,
         "config": {**vars(method.config)},
         "metrics": record.get("dev", {}),
+        "max_seq_length": record.get("settings", {}).get("max_seq_length"),  # how eval must truncate
         "base_params": base.num_base_params,
         "library_version": __version__,
     }

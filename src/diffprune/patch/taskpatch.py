@@ -72,7 +72,8 @@ def _sparse(dense: torch.Tensor, mask: torch.Tensor) -> SparseDiff:
 # The meta fields that code reads back (apply, info, eval), with the types it relies on.
 META_TYPES = {"base": (str, type(None)), "method": (str, type(None)), "task": (str, type(None)),
               "base_params": int, "num_labels": (int, type(None)), "labels": (list, type(None)),
-              "problem_type": (str, type(None)), "metrics": dict, "config": dict}
+              "problem_type": (str, type(None)), "metrics": dict, "config": dict,
+              "max_seq_length": (int, type(None))}
 
 
 def _check_meta_types(meta: dict) -> None:
