@@ -15,6 +15,13 @@ def option(default: Any, help: str, **kw: Any) -> Any:
 _KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "list[str]":  # a list, or the comma-separated string a flag gives
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    # bool is an int to Python, but `epochs = true` is a mistake
+    return kind in _KINDS and isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
+
+
 def check_types(cls: type, values: dict[str, Any]) -> None:
     """Each value given for a field of the settings dataclass `cls` has the field's annotated
     type. Values from a config file or the Python API arrive untyped (TOML `epochs = "3"` is a
@@ -26,8 +33,7 @@ def check_types(cls: type, values: dict[str, Any]) -> None:
         kinds = str(f.type).replace(" ", "").split("|")  # annotations are strings here
         if value is None and "None" in kinds:
             continue
-        if not any(k in _KINDS and isinstance(value, _KINDS[k]) and (k == "bool" or not isinstance(value, bool))
-                   for k in kinds):
+        if not any(_is_kind(value, k) for k in kinds):
             raise DiffpruneError(f"setting '{f.name}' must be {' or '.join(kinds)}, not {value!r}")
 
 
