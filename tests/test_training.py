@@ -357,3 +357,25 @@ def test_an_empty_training_set_is_refused(tiny_model, tmp_path):
     train_file.write_text(train_file.read_text(encoding="utf-8-sig").splitlines()[0] + "\n")  # the header alone
     with pytest.raises(DiffpruneError, match="MRPC training set is empty"):
         train(settings(tiny_model, str(glue), tmp_path / "run"))
+
+
+def test_checkpoint_restores_each_process_its_own_rng(tmp_path):
+    """Each process draws its own dropout and gate noise, so each must get its own state back."""
+    from diffprune.training.checkpoint import Progress, load_checkpoint, rng_state, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    states = []
+    for seed in (1, 2):  # as if gathered from two processes
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    path = save_checkpoint(tmp_path, Progress(global_step=5), {"w": weight.detach()}, None, optimizer, scheduler, states)
+    checkpoint = load_checkpoint(path)
+    draws = []
+    for process in (0, 1, 2):  # a third process (more than the run had) takes the main one's
+        checkpoint.restore_rng(process)
+        draws.append(torch.rand(3))
+    torch.manual_seed(2)
+    assert torch.equal(draws[1], torch.rand(3)) and not torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[2], draws[0])

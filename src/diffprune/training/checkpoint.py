@@ -76,7 +76,10 @@ def save_checkpoint(
     best: dict[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    rng_per_process: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Write a checkpoint (on the main process). `rng_per_process`: every process's RNG state
+    (see `rng_state`), gathered, since each process draws its own dropout and gate noise."""
     root = output / "checkpoints"
     name = f"step-{progress.global_step}"
     tmp = root / f".{name}.tmp"
@@ -90,8 +93,7 @@ def save_checkpoint(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_per_process": rng_per_process or [rng_state()],
         },
         tmp / "state.pt",
     )
@@ -115,10 +117,20 @@ class Checkpoint:
     best: dict[str, torch.Tensor] | None
     state: dict[str, Any]
 
-    def restore_rng(self) -> None:
-        torch.set_rng_state(self.state["rng"])
-        if self.state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.state["cuda_rng"])
+    def restore_rng(self, process_index: int = 0) -> None:
+        """Restore this process's RNG state (the main one's if the run had fewer processes)."""
+        states = self.state.get("rng_per_process")
+        if states is None:  # older checkpoints kept the main process's state only
+            states = [{"cpu": self.state["rng"], "cuda": self.state["cuda_rng"]}]
+        mine = states[process_index] if process_index < len(states) else states[0]
+        torch.set_rng_state(mine["cpu"])
+        if mine["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
+
+
+def rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffprune.errors import DiffpruneError, TrainingDiverged
-from diffprune.training.checkpoint import Checkpoint, Progress, save_checkpoint
+from diffprune.training.checkpoint import Checkpoint, Progress, rng_state, save_checkpoint
 from diffprune.training.logger import RunLogger
 from diffprune.training.phases import Phase, build_optimizer, build_scheduler
 
@@ -82,13 +82,14 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
         if resuming:
             optimizer.load_state_dict(resume.state["optimizer"])
             scheduler.load_state_dict(resume.state["scheduler"])
-            resume.restore_rng()
+            resume.restore_rng(acc.process_index)
         optimizer = acc.prepare_optimizer(optimizer)
 
         def checkpoint() -> None:
             progress.seconds = time.perf_counter() - clock
+            rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
             if acc.is_main_process:
-                save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler)
+                save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler, rngs)
                 ctx.logger.flush()
             acc.wait_for_everyone()
 
