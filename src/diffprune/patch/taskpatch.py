@@ -68,7 +68,6 @@ def _sparse(dense: torch.Tensor, mask: torch.Tensor) -> SparseDiff:
     return SparseDiff(tuple(dense.shape), positions, dense.reshape(-1)[positions])
 
 
-
 # The meta fields that code reads back (apply, info, eval), with the types it relies on.
 META_TYPES = {"base": (str, type(None)), "method": (str, type(None)), "task": (str, type(None)),
               "base_params": int, "num_labels": (int, type(None)), "labels": (list, type(None)),
