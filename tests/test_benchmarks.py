@@ -44,7 +44,7 @@ def test_goals_compare_common_tasks_with_median_over_seeds():
     # patch (57 + 86) / 2 = 71.5 against full (59 + 85) / 2 = 72.0: -0.5 is within 1.0
     assert "RTE 1/2, MRPC 1/1" in within and "| 71.5 | 72.0 | -0.5 | yes |" in within
     assert rows["diff-struct @0.001: within 1.5 points of full finetuning"].endswith("| no |")
-    assert "not measured yet" in rows["diff-struct @0.005: above SHiRA with as many changed entries"]
+    assert "not measured yet" in rows["diff-struct @0.005: above SHiRA with about as many changed entries"]
 
 
 def test_lora_goal_only_counts_adapters_at_least_as_large_as_the_patch():
