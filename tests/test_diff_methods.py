@@ -257,6 +257,10 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"controller_gain": 0.0})
     with pytest.raises(DiffpruneError, match="--fixed-lr"):
         build_method("diff", {"fixed_lr": -1e-3})
+    # non-adaptive diff pruning learns no gates: their options are refused, not silently ignored
+    with pytest.raises(DiffpruneError, match="alpha_lr do not apply to method 'nonadaptive'"):
+        build_method("nonadaptive", {"alpha_lr": 0.5})
+    assert build_method("nonadaptive", {"fixed_lr": 1e-3, "budget": 0.01}).config.budget == 0.01
     with pytest.raises(DiffpruneError, match="'budget' must be float"):
         build_method("diff", {"budget": "0.5%"})
     with pytest.raises(DiffpruneError, match="no base parameter matches"):

@@ -30,10 +30,40 @@ from diffprune.training.settings import TrainSettings, option
 
 
 @dataclass
-class DiffOptions:
+class PatchOptions:
+    """What every diff method shares: the budget, the diffed tensors, the fixed-mask phase, the file."""
+
     budget: float = option(0.005, "Entries the patch keeps: a fraction of the base parameters, or a count if >= 1.")
     budget_scope: str = option("global", "Projection threshold: global (the paper) or per-tensor (same fraction each).")
     budget_counts_head: bool = option(False, "Count the dense head inside the budget (the reference code's choice).")
+    fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
+    fixed_epochs: float | None = option(None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs.")
+    fixed_lr: float | None = option(None, "Learning rate of the fixed-mask phase; default: 5 x --lr.")
+    diff_include: str = option("*", "Comma-separated globs of base parameter names to diff (default: all).")
+    diff_exclude: str = option("", "Comma-separated globs of base parameter names never to diff.")
+    patch_dtype: str = option("float16", "Stored value type of the patch: float32, float16 or bfloat16.")
+
+    CHOICES = {
+        "budget_scope": ("global", "per-tensor"),
+        "fixed_init": ("projected", "w"),
+        "patch_dtype": ("float32", "float16", "bfloat16"),
+    }
+
+    def __post_init__(self) -> None:
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise DiffpruneError(f"{flag} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        if self.fixed_lr is not None and self.fixed_lr <= 0:
+            raise DiffpruneError("--fixed-lr must be positive")
+        if self.fixed_epochs is not None and self.fixed_epochs < 0:
+            raise DiffpruneError("--fixed-epochs cannot be negative")
+
+
+@dataclass
+class DiffOptions(PatchOptions):
+    """The learned (L0) methods' options on top: the gates, the penalty and its controller."""
+
     l0_lambda: float | None = option(
         None, "Fixed L0 penalty weight per entry (paper: 1.25e-7). Default: a density controller sets it."
     )
@@ -57,35 +87,23 @@ class DiffOptions:
         "additive", "diff-struct penalty: additive (the reference code; default) or product (the paper's equation)."
     )
     projection: str = option("sample", "Gates used for the projection: sample (the paper: one draw) or deterministic.")
-    fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
-    fixed_epochs: float | None = option(None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs.")
-    fixed_lr: float | None = option(None, "Learning rate of the fixed-mask phase; default: 5 x --lr.")
-    diff_include: str = option("*", "Comma-separated globs of base parameter names to diff (default: all).")
-    diff_exclude: str = option("", "Comma-separated globs of base parameter names never to diff.")
-    patch_dtype: str = option("float16", "Stored value type of the patch: float32, float16 or bfloat16.")
+
+    CHOICES = {
+        **PatchOptions.CHOICES,
+        "group_penalty": ("product", "additive"),
+        "projection": ("sample", "deterministic"),
+    }
 
     def __post_init__(self) -> None:
-        choices = {
-            "budget_scope": ("global", "per-tensor"),
-            "group_penalty": ("product", "additive"),
-            "projection": ("sample", "deterministic"),
-            "fixed_init": ("projected", "w"),
-            "patch_dtype": ("float32", "float16", "bfloat16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                flag = "--" + name.replace("_", "-")
-                raise DiffpruneError(f"{flag} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        super().__post_init__()
         if self.target_density is not None and not 0 < self.target_density <= 1:
             raise DiffpruneError("--target-density must be in (0, 1]")
         if not 0 <= self.l0_warmup < self.l0_reach <= 1:
             raise DiffpruneError("need 0 <= --l0-warmup < --l0-reach <= 1")
         if self.controller_gain <= 0:
             raise DiffpruneError("--controller-gain must be positive")
-        if self.alpha_lr <= 0 or (self.fixed_lr is not None and self.fixed_lr <= 0):
-            raise DiffpruneError("--alpha-lr and --fixed-lr must be positive")
-        if self.fixed_epochs is not None and self.fixed_epochs < 0:
-            raise DiffpruneError("--fixed-epochs cannot be negative")
+        if self.alpha_lr <= 0:
+            raise DiffpruneError("--alpha-lr must be positive")
         if self.alpha_max is not None and self.alpha_max < self.alpha_init:
             raise DiffpruneError("--alpha-max must be at least --alpha-init")
         GateShape(self.gate_l, self.gate_r, self.gate_temperature)
@@ -113,7 +131,7 @@ def projection_scores(model: DiffModel, deltas: list[torch.Tensor]) -> list[torc
 
 
 class _DiffBase(Method):
-    Config = DiffOptions
+    Config = PatchOptions
     artifact = PATCH_FILE
     structured = False
     mode = "l0"
@@ -131,8 +149,14 @@ class _DiffBase(Method):
             p.requires_grad_(name in base.head_names)
         names = diffed_names(base, c.diff_include, c.diff_exclude)
         self.k = min(k, sum(base.model.get_parameter(n).numel() for n in names))
-        return DiffModel(base.model, names, self.k, structured=self.structured, mode=self.mode,
-                         gate_shape=GateShape(c.gate_l, c.gate_r, c.gate_temperature), alpha_init=c.alpha_init)
+        return DiffModel(base.model, names, self.k, structured=self.structured, mode=self.mode, **self._gates())
+
+    def _gates(self) -> dict[str, Any]:
+        """DiffModel's gate settings (the defaults for a method that does not learn gates)."""
+        return {}
+
+    def _deterministic_projection(self) -> bool:
+        return False
 
     # -- phases --------------------------------------------------------------------------
     def _head_groups(self, model: DiffModel, base: BaseModel, lr: float, wd: float) -> list[ParamGroup]:
@@ -157,7 +181,7 @@ class _DiffBase(Method):
     def _project(self, model: DiffModel) -> None:
         c = self.config
         with torch.no_grad():
-            if c.projection == "deterministic":
+            if self._deterministic_projection():
                 model.eval()
             deltas = [d for _, d in model.deltas()]
             model.train()
@@ -223,7 +247,15 @@ PAPER_LAMBDA = 1.25e-7  # BERT-large; also the controller's starting point
 
 
 class _AdaptiveDiff(_DiffBase):
+    Config = DiffOptions
     default_lr = 1e-4
+
+    def _gates(self) -> dict[str, Any]:
+        c = self.config
+        return {"gate_shape": GateShape(c.gate_l, c.gate_r, c.gate_temperature), "alpha_init": c.alpha_init}
+
+    def _deterministic_projection(self) -> bool:
+        return self.config.projection == "deterministic"
 
     def phases(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
         c, lr = self.config, self.lr(s)
