@@ -171,3 +171,14 @@ def test_density_controller_steers_lambda_with_bounded_steps():
     for density in torch.linspace(0, 5, 101).tolist():
         factor = c.update(1.0, density, 60) / 1.0
         assert math.exp(-0.5) - 1e-12 <= factor <= math.exp(0.1) + 1e-12
+
+
+def test_reachable_schedule_never_asks_for_less_than_the_gates_can_reach():
+    fall = lambda steps: 1 / (1 + math.exp(-(5.0 - 0.1 * steps)))  # noqa: E731 - logit 5, 0.1 a step
+    cubic = DensityController(target=0.01, start=1.0, total_steps=234)
+    floored = DensityController(target=0.01, start=1.0, total_steps=234, reachable=fall)
+    begin = 0.25 * 234
+    for step in range(0, 235):
+        assert floored.scheduled(step) == pytest.approx(max(cubic.scheduled(step), fall(max(0.0, step - begin))))
+    assert floored.scheduled(80) > 0.9 > cubic.scheduled(80)  # early on the gates cannot keep up
+    assert floored.scheduled(234) == pytest.approx(0.01, rel=1e-3)  # the target is still reached

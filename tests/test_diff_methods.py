@@ -172,6 +172,16 @@ def test_controller_gain_and_logit_cap(run):
     assert all(abs(math.log(b / a)) <= 0.02 + 1e-9 for a, b in zip(lambdas, lambdas[1:]))
 
 
+def test_reachable_schedule_keeps_lambda_from_winding_up(run):
+    # With no warm stretch the cubic schedule asks at once for far less density than the gates
+    # can reach, so lambda climbs at the full rate; floored at the reachable density it barely moves.
+    options = {"budget": 0.01, "l0_warmup": 0.0}
+    cubic, _, _ = run("cubic-now", "diff", options)
+    floored, _, _ = run("reachable-now", "diff", {**options, "schedule": "reachable"})
+    climb = [math.log(v[-1] / v[0]) for v in (_log_values(cubic, "l0_lambda"), _log_values(floored, "l0_lambda"))]
+    assert climb[0] == pytest.approx(0.2) and abs(climb[1]) < 0.05
+
+
 def test_fixed_lambda_turns_the_controller_off(run):
     out, record, _ = run("fixed-lambda", "diff-struct", {"budget": 0.01, "l0_lambda": PAPER_LAMBDA})
     lambdas = _log_values(out, "l0_lambda")

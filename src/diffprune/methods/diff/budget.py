@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -77,6 +78,12 @@ class DensityController:
     then falls cubically (Zhu and Gupta 2017) to the target at `reach`, and holds. Lambda falls
     faster than it rises: with Adam, every gate the task does not defend closes at the full
     learning rate once the penalty outweighs Adam's epsilon, so overshoot must be stopped fast.
+
+    `reachable` (a function of the penalised steps so far) floors the schedule at the lowest
+    density the gates can reach: a gate logit moves about one learning rate per Adam step, so
+    from logit a0 the density cannot fall faster than P(z != 0) at a0 - lr * t. Without the
+    floor, the schedule outruns the gates for most of its span, the error stays positive
+    whatever they do, and lambda winds up by orders of magnitude before the density answers.
     """
 
     target: float
@@ -86,14 +93,17 @@ class DensityController:
     reach: float = 0.75
     gain: float = 0.1
     max_fall: float = 5.0  # log(density / scheduled) is clipped to [-max_fall, 1]
+    reachable: Callable[[float], float] | None = None
 
     def penalised(self, step: int) -> bool:
         return step >= self.begin * self.total_steps
 
     def scheduled(self, step: int) -> float:
         span = max(1.0, (self.reach - self.begin) * self.total_steps)
-        t = min(1.0, max(0.0, step - self.begin * self.total_steps) / span)
-        return self.target + (self.start - self.target) * (1 - t) ** 3
+        penalised = max(0.0, step - self.begin * self.total_steps)
+        t = min(1.0, penalised / span)
+        cubic = self.target + (self.start - self.target) * (1 - t) ** 3
+        return max(cubic, self.reachable(penalised)) if self.reachable else cubic
 
     def update(self, lam: float, density: float, step: int) -> float:
         goal = self.scheduled(step)

@@ -75,6 +75,9 @@ class DiffOptions(PatchOptions):
     )
     l0_reach: float = option(0.75, "Fraction of the L0 phase by which the controller reaches --target-density.")
     controller_gain: float = option(0.1, "Controller: change of log(lambda) per step at a log-density error of 1.")
+    schedule: str = option(
+        "cubic", "Controller's density schedule: cubic, or reachable (never below the fastest fall the gates can make)."
+    )
     alpha_max: float | None = option(
         None, "Upper bound of the gate logits, kept after every step (default: none, as in the paper)."
     )
@@ -92,6 +95,7 @@ class DiffOptions(PatchOptions):
         **PatchOptions.CHOICES,
         "group_penalty": ("product", "additive"),
         "projection": ("sample", "deterministic"),
+        "schedule": ("cubic", "reachable"),
     }
 
     def __post_init__(self) -> None:
@@ -275,6 +279,9 @@ class _AdaptiveDiff(_DiffBase):
 
         last_l0: list[float] = []  # the product-form expected L0 of the last step, for the controller
 
+        def reachable(steps: float) -> float:  # every gate falling one learning rate per step
+            return float(prob_nonzero(torch.tensor(c.alpha_init - c.alpha_lr * steps), model.gate_shape))
+
         def penalty() -> dict[str, torch.Tensor]:
             l0 = model.expected_l0(c.group_penalty)
             last_l0[:] = [l0.item()] if c.group_penalty == "product" or not self.structured else []
@@ -287,7 +294,8 @@ class _AdaptiveDiff(_DiffBase):
                         alpha.clamp_(max=c.alpha_max)
             if c.l0_lambda is None:
                 controller = DensityController(target=target, start=1.0, total_steps=total,
-                                               begin=c.l0_warmup, reach=c.l0_reach, gain=c.controller_gain)
+                                               begin=c.l0_warmup, reach=c.l0_reach, gain=c.controller_gain,
+                                               reachable=reachable if c.schedule == "reachable" else None)
                 if not controller.penalised(step):
                     return
                 density = last_l0[0] / model.total if last_l0 else model.expected_density()
