@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, first_line
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -102,8 +102,7 @@ def load_base(
     except DiffpruneError:
         raise
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiffpruneError(f"cannot load model '{source}': {first_line}") from e
+        raise DiffpruneError(f"cannot load model '{source}': {first_line(e)}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

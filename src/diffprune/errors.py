@@ -5,5 +5,12 @@ class DiffpruneError(Exception):
     """Bad input or a failed run, explained in one line. The CLI prints it without a traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """A library error's message cut to its first line (or its type when it has none), for
+    wrapping it in a one-line DiffpruneError."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class TrainingDiverged(DiffpruneError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

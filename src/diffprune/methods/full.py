@@ -30,7 +30,7 @@ class FullFinetune(Method):
         with atomic_dir(output / self.artifact) as tmp:
             model.save_pretrained(tmp)
             base.tokenizer.save_pretrained(tmp)
-        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / self.artifact).iterdir())}
+        return self.artifact_files(output)
 
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
         return load_base(output / self.artifact, base.model.config.num_labels, labels=base.labels,

@@ -8,14 +8,12 @@ from pathlib import Path
 from torch import nn
 
 from diffprune.base import BaseModel
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, first_line
 from diffprune.io import atomic_dir
 from diffprune.methods.full import single_phase
 from diffprune.methods.registry import Method
 from diffprune.training.phases import Phase
 from diffprune.training.settings import TrainSettings
-
-ADAPTER_DIR = "adapter"
 
 
 def head_modules(base: BaseModel) -> list[str]:
@@ -26,7 +24,7 @@ def head_modules(base: BaseModel) -> list[str]:
 
 
 class PeftAdapterMethod(Method):
-    artifact = ADAPTER_DIR
+    artifact = "adapter"
 
     def peft_config(self, base: BaseModel):
         raise NotImplementedError
@@ -37,7 +35,7 @@ class PeftAdapterMethod(Method):
         try:
             return get_peft_model(base.model, self.peft_config(base))
         except ValueError as e:
-            raise DiffpruneError(f"{self.name} cannot wrap this model: {str(e).splitlines()[0]}") from e
+            raise DiffpruneError(f"{self.name} cannot wrap this model: {first_line(e)}") from e
 
     def phases(self, model: nn.Module, base: BaseModel, s: TrainSettings) -> list[Phase]:
         # PEFT renames the head it trains: `...classifier.modules_to_save.default.weight`
@@ -45,11 +43,11 @@ class PeftAdapterMethod(Method):
         return [single_phase(model, base, s, self.lr(s), head_names=head)]
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
-        with atomic_dir(output / ADAPTER_DIR) as tmp:
+        with atomic_dir(output / self.artifact) as tmp:
             model.save_pretrained(tmp)
-        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / ADAPTER_DIR).iterdir())}
+        return self.artifact_files(output)
 
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base.model, output / ADAPTER_DIR)
+        return PeftModel.from_pretrained(base.model, output / self.artifact)

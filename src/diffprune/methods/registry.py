@@ -64,6 +64,10 @@ class Method:
         """Write the learned artifact into `output`; return {relative file name: bytes}."""
         return {}
 
+    def artifact_files(self, output: Path) -> dict[str, int]:
+        """{file name relative to `output`: bytes} of the artifact folder `save` wrote."""
+        return {str(p.relative_to(output)): p.stat().st_size for p in sorted((output / self.artifact).iterdir())}
+
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
         """Rebuild the trained model from what `save` wrote (for eval and predict)."""
         raise DiffpruneError(f"method '{self.name}' saves no artifact that can be loaded again")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import diffprune
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, first_line
 from diffprune.io import atomic_dir, atomic_path
 from diffprune.patch.codec import choose_codec, decode_positions, encode_positions
 
@@ -231,8 +231,7 @@ class TaskPatch:
         except DiffpruneError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated / garbage files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DiffpruneError(f"cannot read it as safetensors ({msg})") from e
+            raise DiffpruneError(f"cannot read it as safetensors ({first_line(e)})") from e
         try:
             table, meta = json.loads(md["tensors"]), json.loads(md["meta"])
         except (KeyError, ValueError) as e:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, first_line
 from diffprune.io import write_json, write_text
 
 # What a finished or interrupted run leaves behind; any of these makes a folder "used".
@@ -140,8 +140,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
         state = torch.load(path / "state.pt", weights_only=True)
     except (OSError, ValueError, RuntimeError, TypeError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiffpruneError(f"checkpoint {path} is unreadable: {first_line}") from e
+        raise DiffpruneError(f"checkpoint {path} is unreadable: {first_line(e)}") from e
     return Checkpoint(path, progress, trainable, best, state)
 
 

@@ -140,7 +140,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
                 if progress.phase_step == total:
                     break
         bar.close()
-        check_replicas(acc, ctx.trainable_state(), phase.name)
+        if acc.num_processes > 1:
+            check_replicas(acc, ctx.trainable_state(), phase.name)
         if phase.keep_best and best is not None:
             ctx.load_trainable_state(best)
         resume = None
@@ -153,8 +154,6 @@ def check_replicas(acc: Accelerator, state: dict[str, torch.Tensor], phase: str)
     """Every process must end a phase with the same weights. DDP synchronises only the
     parameters it registered when it wrapped the model, so a tensor it missed would drift apart
     silently, each process training on its own shard; this turns that into an error."""
-    if acc.num_processes == 1:
-        return
     tensors = [t.double() for t in state.values()]
     # two moments per tensor: replicas hold bitwise-equal weights, so their sums agree exactly
     sums = torch.stack([t.sum() for t in tensors] + [t.square().sum() for t in tensors]).to(acc.device)
@@ -187,11 +186,10 @@ def train_step(
         norms = []
         for g in groups:
             limit = g.max_grad_norm if g.max_grad_norm is not None else max_grad_norm
-            grads = [p.grad for p in g.params if p.grad is not None]
             if limit:
                 norms.append(torch.nn.utils.clip_grad_norm_(g.params, limit))
-            elif grads:
-                norms.append(torch.nn.utils.get_total_norm(grads))
+            elif any(p.grad is not None for p in g.params):
+                norms.append(torch.nn.utils.get_total_norm([p.grad for p in g.params if p.grad is not None]))
         # A finite loss can still have an inf gradient; its step would write NaN weights. (With
         # fp16 loss scaling an inf gradient is expected: the scaler skips that step itself.)
         # The gradients are all-reduced, so every process reaches the same verdict.
