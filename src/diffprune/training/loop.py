@@ -188,8 +188,10 @@ def train_step(
             limit = g.max_grad_norm if g.max_grad_norm is not None else max_grad_norm
             if limit:
                 norms.append(torch.nn.utils.clip_grad_norm_(g.params, limit))
-            elif any(p.grad is not None for p in g.params):
-                norms.append(torch.nn.utils.get_total_norm([p.grad for p in g.params if p.grad is not None]))
+                continue
+            grads = [p.grad for p in g.params if p.grad is not None]
+            if grads:
+                norms.append(torch.nn.utils.get_total_norm(grads))
         # A finite loss can still have an inf gradient; its step would write NaN weights. (With
         # fp16 loss scaling an inf gradient is expected: the scaler skips that step itself.)
         # The gradients are all-reduced, so every process reaches the same verdict.
