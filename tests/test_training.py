@@ -379,3 +379,18 @@ def test_checkpoint_restores_each_process_its_own_rng(tmp_path):
     torch.manual_seed(2)
     assert torch.equal(draws[1], torch.rand(3)) and not torch.equal(draws[0], draws[1])
     assert torch.equal(draws[2], draws[0])
+
+
+def test_a_checkpoint_replaces_the_last_one_and_the_leftovers_of_a_killed_write(tmp_path):
+    from diffprune.training.checkpoint import Progress, latest_checkpoint, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path, Progress(global_step=5), {"w": weight.detach()}, None, optimizer, scheduler)
+    killed_write = tmp_path / "checkpoints" / ".step-10.x1y2.tmp"  # what a SIGKILL mid-write leaves
+    killed_write.mkdir()
+    (killed_write / "trainable.safetensors").write_bytes(b"half")
+    path = save_checkpoint(tmp_path, Progress(global_step=10), {"w": weight.detach()}, None, optimizer, scheduler)
+    assert latest_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-10"]

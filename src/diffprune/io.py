@@ -36,6 +36,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        fsync_files(tmp)
         if path.exists():  # set the old folder aside first: at no moment is there neither
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
@@ -46,6 +47,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush a folder's files to disk, so that renaming the folder never lands before its data."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

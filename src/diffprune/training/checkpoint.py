@@ -10,7 +10,6 @@ moment (SIGKILL included) leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffprune.errors import DiffpruneError, first_line
-from diffprune.io import write_json, write_text
+from diffprune.io import atomic_dir, write_json, write_text
 
 # What a finished or interrupted run leaves behind; any of these makes a folder "used".
 RUN_MARKERS = ("run.json", "settings.json", "checkpoints")
@@ -82,31 +81,24 @@ def save_checkpoint(
     (see `rng_state`), gathered, since each process draws its own dropout and gate noise."""
     root = output / "checkpoints"
     name = f"step-{progress.global_step}"
-    tmp = root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(_contiguous(trainable), tmp / "trainable.safetensors")
-    if best is not None:
-        save_file(_contiguous(best), tmp / "best.safetensors")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng_per_process": rng_per_process or [rng_state()],
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(root / name) as tmp:
+        save_file(_contiguous(trainable), tmp / "trainable.safetensors")
+        if best is not None:
+            save_file(_contiguous(best), tmp / "best.safetensors")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_per_process": rng_per_process or [rng_state()],
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
     write_text(root / "latest", name)
-    for old in root.glob("step-*"):  # only the newest is needed to resume
-        if old != final:
+    for old in root.iterdir():  # only the newest is needed to resume (and a killed write leaves a .tmp)
+        if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / name
 
 
 @dataclass
