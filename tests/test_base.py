@@ -179,3 +179,13 @@ def test_other_architectures_load_and_train(tmp_path, glue_dir, kind, model_type
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved["model_type"] == model_type
     assert 0.0 <= record["score"] <= 1.0
+
+
+@pytest.mark.parametrize("hub_id", ["bert-base-uncased", "google-bert/bert-base-uncased"])
+def test_a_hub_id_goes_to_the_hub_not_to_the_folder_check(hub_id, monkeypatch):
+    # offline here, so the hub answers with an error; it must be the hub's, not "does not exist"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiffpruneError) as excinfo:
+        load_base(hub_id)
+    _assert_one_line_error(excinfo, "cannot load model", hub_id)
+    assert "does not exist" not in str(excinfo.value)

@@ -76,9 +76,8 @@ def load_base(
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source = str(name_or_path) if name_or_path else default_model_path()
-    looks_local = os.path.sep in source or source.startswith(".") or Path(source).exists()
-    if looks_local and not Path(source).is_dir():
+    source = os.path.expanduser(str(name_or_path)) if name_or_path else default_model_path()
+    if _names_a_folder(source) and not Path(source).is_dir():
         raise DiffpruneError(f"model folder '{source}' does not exist")
 
     verbosity = hf_logging.get_verbosity()
@@ -120,6 +119,12 @@ def load_base(
     )
     base.fingerprint = fingerprint(base.base_parameters())
     return base
+
+
+def _names_a_folder(source: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else that reads as a path must be a local folder."""
+    return (Path(source).exists() or source.startswith((".", "/", os.sep)) or source.count("/") > 1
+            or (os.sep != "/" and os.sep in source))
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
