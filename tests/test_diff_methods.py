@@ -403,5 +403,8 @@ def test_eval_of_a_patch_takes_a_split(run):
     patch = out / "patch.safetensors"
     assert TaskPatch.load(patch).meta["max_seq_length"] == record["settings"]["max_seq_length"]
     assert api.evaluate_patch(patch, data_dir=GLUE, split="dev").keys() == record["dev"].keys()
-    with pytest.raises(DiffpruneError, match="no dev split 'matched'"):
+    assert api.evaluate_patch(patch, data_dir=GLUE, split="validation") == api.evaluate_patch(patch, data_dir=GLUE)
+    with pytest.raises(DiffpruneError, match="no split 'matched'"):
         api.evaluate_patch(patch, data_dir=GLUE, split="matched")
+    with pytest.raises(DiffpruneError, match="no dev split 'test'"):
+        api.evaluate_patch(patch, data_dir=GLUE, split="test")

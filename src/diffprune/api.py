@@ -27,6 +27,7 @@ from diffprune.glue import (
     load_split,
     make_collator,
     predictions_from_logits,
+    resolve_split,
     write_submission,
 )
 from diffprune.io import write_json
@@ -249,10 +250,12 @@ def _score(model, base: BaseModel, spec: TaskSpec, settings: TrainSettings, batc
     settings.max_eval_samples = None
     data = load_task_data(spec, base, settings, with_train=False)
     if split is not None:
+        split = resolve_split(spec, split)  # "validation" -> "dev"; MNLI's "dev" -> "dev_matched"
         if split not in data.dev:
             raise DiffpruneError(f"{spec.name} has no dev split '{split}'; choose one of {', '.join(data.dev)}")
         data.dev = {split: data.dev[split]}
-    return dev_metrics(model, data, make_collator(base.tokenizer), Accelerator(), batch_size)
+    accelerator = Accelerator()
+    return dev_metrics(model.to(accelerator.device), data, make_collator(base.tokenizer), accelerator, batch_size)
 
 
 def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = None,
@@ -260,6 +263,7 @@ def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = 
     """Predict the test split(s) and write GLUE submission files into `output`."""
     settings, spec, base, model = load_run(run_dir, data_dir, batch_size)
     accelerator, collator, paths = Accelerator(), make_collator(base.tokenizer), []
+    model.to(accelerator.device)
     for split in spec.test_splits:
         examples = load_split(spec, split, data_dir)
         dataset = TokenizedDataset(examples, base.tokenizer, settings.max_seq_length)

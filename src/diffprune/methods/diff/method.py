@@ -218,8 +218,8 @@ class _DiffBase(Method):
             raise DiffpruneError("the diff was never projected to its budget (the fixed-mask phase did not start)")
         diffs = {}
         for name, (positions, values) in model.sparse_deltas().items():
-            dense = torch.zeros(model.model.get_parameter(name).numel())
-            dense[positions] = values
+            dense = torch.zeros(model.model.get_parameter(name).numel(), device=positions.device)
+            dense[positions] = values  # on the training device; TaskPatch keeps its copy on the CPU
             diffs[name] = dense.view_as(model.model.get_parameter(name))
         return TaskPatch.from_dense_diffs(diffs, head_state(model.model, base), patch_meta(base, self, record))
 
