@@ -68,7 +68,7 @@ def step_times(methods: list[str], steps: int, warmup: int = 2) -> dict[str, lis
     for i in range(warmup + steps):
         for m, (base, model, phase, groups, opt, sched, acc) in runs.items():
             start = time.perf_counter()
-            train_step(acc, model, phase, groups, opt, sched, batch, 1.0)
+            train_step(acc, model, phase, groups, opt, sched, batch, weight=1.0, max_grad_norm=1.0)
             if phase.after_step:
                 phase.after_step(i + 1, 1000)
             if i >= warmup:
@@ -97,7 +97,7 @@ def main() -> None:
         base, model, phase, groups, opt, sched, acc = build(args.memory_of)
         batch = fixed_batch(base.tokenizer)
         for _ in range(args.mem_steps):
-            train_step(acc, model, phase, groups, opt, sched, batch, 1.0)
+            train_step(acc, model, phase, groups, opt, sched, batch, weight=1.0, max_grad_norm=1.0)
         print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
         return
 

@@ -282,6 +282,19 @@ def test_shard_partitions_each_global_batch():
     assert shard([5, 1, 4], single) == [5, 1, 4]
 
 
+@pytest.mark.parametrize("size", [7, 3, 1])
+def test_weighted_shares_average_to_the_global_mean(size):
+    """DDP averages the processes' losses: weighted, that average is the global batch's mean."""
+    from diffprune.training.loop import shard_with_weight
+
+    losses = torch.arange(size, dtype=torch.float64) + 1  # one loss per example of the global batch
+    shares = [shard_with_weight(list(range(size)), SimpleNamespace(process_index=i, num_processes=2)) for i in (0, 1)]
+    assert all(mine for mine, _ in shares)  # every process runs a batch, even with one example in all
+    ddp_average = sum(weight * losses[mine].mean() for mine, weight in shares) / 2
+    assert ddp_average.item() == pytest.approx(losses.mean().item())
+    assert shard_with_weight([4, 2], SimpleNamespace(process_index=0, num_processes=1)) == ([4, 2], 1.0)
+
+
 def test_a_bad_model_path_leaves_the_folder_unclaimed(tiny_model, glue_dir, tmp_path):
     """Bad input loses nothing: the failed run does not claim the folder, so a retry needs no --overwrite."""
     out = tmp_path / "run"

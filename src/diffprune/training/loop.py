@@ -57,6 +57,17 @@ def shard(indices: list[int], accelerator: Accelerator) -> list[int]:
     return indices[accelerator.process_index :: accelerator.num_processes]
 
 
+def shard_with_weight(indices: list[int], accelerator: Accelerator) -> tuple[list[int], float]:
+    """This process's share of a global batch, and the weight of its mean loss that makes DDP's
+    average over processes the global batch's mean loss when the shares are uneven. A process
+    left without examples (a last batch smaller than the number of processes) still runs one,
+    weighted 0, since DDP needs every process in each backward."""
+    mine = shard(indices, accelerator)
+    if not mine:
+        return indices[:1], 0.0
+    return mine, len(mine) * accelerator.num_processes / len(indices)
+
+
 def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None) -> Progress:
     acc = ctx.accelerator
     progress = resume.progress if resume else Progress()
@@ -110,11 +121,13 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
         while progress.phase_step < total:
             epoch, start = divmod(progress.phase_step, steps_per_epoch)
             batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, index, epoch)[start:]
-            loader = DataLoader(ctx.train_set, batch_sampler=[shard(b, acc) for b in batches],
+            shares = [shard_with_weight(b, acc) for b in batches]
+            loader = DataLoader(ctx.train_set, batch_sampler=[mine for mine, _ in shares],
                                 collate_fn=ctx.collator, generator=torch.Generator())
-            for batch in loader:
+            for (_, weight), batch in zip(shares, loader):
                 try:
-                    terms = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch, ctx.max_grad_norm)
+                    terms = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch, weight,
+                                       ctx.max_grad_norm)
                 except FloatingPointError as e:
                     raise TrainingDiverged(
                         f"{e} at step {progress.global_step + 1} (phase {phase.name}); "
@@ -165,15 +178,16 @@ def check_replicas(acc: Accelerator, state: dict[str, torch.Tensor], phase: str)
 
 def train_step(
     acc: Accelerator, model: nn.Module, phase: Phase, groups: list, optimizer: Any, scheduler: Any, batch: dict,
-    max_grad_norm: float,
+    weight: float, max_grad_norm: float,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step: forward, named loss terms, backward, per-group clipping, update.
-    Returns the detached loss terms; raises FloatingPointError (on every process) if the loss
-    or a gradient is not finite, before anything is updated."""
+    `weight` scales this process's task loss (see `shard_with_weight`); the other terms are the
+    same on every process. Returns the detached loss terms; raises FloatingPointError (on every
+    process) if the loss or a gradient is not finite, before anything is updated."""
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     with acc.autocast():
         outputs = model(**batch)
-        terms = {"task_loss": outputs.loss}
+        terms = {"task_loss": outputs.loss * weight}
         if phase.extra_losses:
             terms.update(phase.extra_losses())
         loss = sum(terms.values())
