@@ -407,3 +407,21 @@ def test_a_checkpoint_replaces_the_last_one_and_the_leftovers_of_a_killed_write(
     path = save_checkpoint(tmp_path, Progress(global_step=10), {"w": weight.detach()}, None, optimizer, scheduler)
     assert latest_checkpoint(tmp_path) == path
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-10"]
+
+
+def test_a_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    from diffprune.training.checkpoint import Progress, load_checkpoint, save_checkpoint
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(weight.sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()  # the scale is now a tensor the scaler owns, with its growth tracker
+    path = save_checkpoint(tmp_path, Progress(global_step=1), {"w": weight.detach()}, None, optimizer, scheduler,
+                           scaler=scaler)
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(load_checkpoint(path).state["scaler"])
+    assert restored.get_scale() == scaler.get_scale() == 1024.0
+    assert restored.state_dict() == scaler.state_dict()

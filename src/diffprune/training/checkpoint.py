@@ -76,9 +76,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rng_per_process: list[dict[str, Any]] | None = None,
+    scaler: Any = None,
 ) -> Path:
     """Write a checkpoint (on the main process). `rng_per_process`: every process's RNG state
-    (see `rng_state`), gathered, since each process draws its own dropout and gate noise."""
+    (see `rng_state`), gathered, since each process draws its own dropout and gate noise.
+    `scaler`: fp16's gradient scaler, whose loss scale decides which steps are skipped."""
     root = output / "checkpoints"
     name = f"step-{progress.global_step}"
     with atomic_dir(root / name) as tmp:
@@ -90,6 +92,7 @@ def save_checkpoint(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng_per_process": rng_per_process or [rng_state()],
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             tmp / "state.pt",
         )

@@ -94,13 +94,16 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
             optimizer.load_state_dict(resume.state["optimizer"])
             scheduler.load_state_dict(resume.state["scheduler"])
             resume.restore_rng(acc.process_index)
+            if acc.scaler is not None and "scaler" in resume.state:  # fp16: the loss scale it had reached
+                acc.scaler.load_state_dict(resume.state["scaler"])
         optimizer = acc.prepare_optimizer(optimizer)
 
         def checkpoint() -> None:
             progress.seconds = time.perf_counter() - clock
             rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
             if acc.is_main_process:
-                save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler, rngs)
+                save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler, rngs,
+                                scaler=acc.scaler)
                 ctx.logger.flush()
             acc.wait_for_everyone()
 
