@@ -22,6 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:  # the rename must not land before the data does
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -37,7 +38,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_files(tmp)
-        if path.exists():  # set the old folder aside first: at no moment is there neither
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the folder private
+        if path.exists():  # the old folder is set aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
             os.replace(tmp, path)
@@ -47,6 +49,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def fsync_files(folder: Path) -> None:
