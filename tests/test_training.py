@@ -146,6 +146,16 @@ def test_overwrite_replaces_the_run(tiny_model, glue_dir, tmp_path):
     # the run that replaces it saves nothing: the old model must not pass for its artifact
     train(settings(tiny_model, glue_dir, out, max_steps=1, method="bitfit", save_model=False, overwrite=True))
     assert not (out / "model").exists()
+    with pytest.raises(DiffpruneError, match="holds no patch.safetensors"):
+        evaluate_run(out, data_dir=glue_dir)
+
+
+def test_a_missing_or_broken_adapter_is_a_clear_error(tiny_model, glue_dir, tmp_path):
+    out = tmp_path / "run"
+    train(settings(tiny_model, glue_dir, out, max_steps=1, method="lora"))
+    (out / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(DiffpruneError, match="cannot load the lora adapter"):
+        evaluate_run(out, data_dir=glue_dir)
 
 
 def test_resume_needs_a_run(tiny_model, glue_dir, tmp_path):

@@ -216,6 +216,8 @@ def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):
     settings.data_dir, settings.eval_batch_size = data_dir, batch_size
     spec = get_task(settings.task)
     method = build_method(settings.method, saved.get("method_options"))
+    if not (run / method.artifact).exists():
+        raise DiffpruneError(f"{run} holds no {method.artifact} to evaluate (was it trained with --no-save-model?)")
     base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
     model = method.load_artifact(base, run)
     return settings, spec, base, model

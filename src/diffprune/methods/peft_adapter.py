@@ -50,4 +50,8 @@ class PeftAdapterMethod(Method):
     def load_artifact(self, base: BaseModel, output: Path) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base.model, output / self.artifact)
+        folder = output / self.artifact
+        try:
+            return PeftModel.from_pretrained(base.model, folder)
+        except (OSError, ValueError) as e:  # PEFT's "Can't find 'adapter_config.json'" and the like
+            raise DiffpruneError(f"cannot load the {self.name} adapter in {folder}: {first_line(e)}") from e
