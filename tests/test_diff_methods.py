@@ -267,6 +267,8 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"controller_gain": 0.0})
     with pytest.raises(DiffpruneError, match="--fixed-lr"):
         build_method("diff", {"fixed_lr": -1e-3})
+    with pytest.raises(DiffpruneError, match="--l0-lambda cannot be negative"):
+        build_method("diff-struct", {"l0_lambda": -1e-7})
     # non-adaptive diff pruning learns no gates: their options are refused, not silently ignored
     with pytest.raises(DiffpruneError, match="alpha_lr do not apply to method 'nonadaptive'"):
         build_method("nonadaptive", {"alpha_lr": 0.5})

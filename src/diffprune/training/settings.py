@@ -56,7 +56,10 @@ class TrainSettings:
     lr: float | None = option(
         None, "Peak learning rate of the method's main parameters; default: the method's own (`diffprune methods`)."
     )
-    head_lr: float | None = option(None, "Learning rate of the task head; default: --lr.")
+    head_lr: float | None = option(
+        None, "Learning rate of the task head in every phase; default: that phase's main rate (--lr; diff pruning's "
+        "fixed-mask phase: --fixed-lr)."
+    )
     weight_decay: float = option(0.01, "AdamW weight decay on matrices (not on biases and norms).")
     warmup_ratio: float = option(0.1, "Fraction of each phase's steps spent in linear warmup.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")

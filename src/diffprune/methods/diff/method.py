@@ -100,6 +100,8 @@ class DiffOptions(PatchOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.l0_lambda is not None and self.l0_lambda < 0:
+            raise DiffpruneError("--l0-lambda cannot be negative (a negative penalty rewards density)")
         if self.target_density is not None and not 0 < self.target_density <= 1:
             raise DiffpruneError("--target-density must be in (0, 1]")
         if not 0 <= self.l0_warmup < self.l0_reach <= 1:
