@@ -50,13 +50,19 @@ def deterministic(alpha: torch.Tensor, shape: GateShape = GateShape()) -> torch.
     return (torch.sigmoid(alpha) * (shape.r - shape.l) + shape.l).clamp(0.0, 1.0)
 
 
+def gate(alpha: torch.Tensor, shape: GateShape, training: bool) -> torch.Tensor:
+    """A sample in training, the deterministic gate in eval."""
+    return sample(alpha, shape) if training else deterministic(alpha, shape)
+
+
 def prob_nonzero(alpha: torch.Tensor, shape: GateShape = GateShape()) -> torch.Tensor:
     """P(z != 0) per entry, in closed form; its sum is the expected L0 norm."""
     return torch.sigmoid(alpha - shape.shift)
 
 
 class HardConcrete(nn.Module):
-    """A tensor of gates with no input: `forward()` samples in training, is deterministic in eval."""
+    """A tensor of gates with no input: `forward()` samples in training, is deterministic in eval.
+    (DiffModel keeps its gate logits per diffed tensor and calls the functions above directly.)"""
 
     def __init__(self, size: int | tuple[int, ...], init: float = 5.0, shape: GateShape = GateShape()) -> None:
         super().__init__()
@@ -64,9 +70,7 @@ class HardConcrete(nn.Module):
         self.log_alpha = nn.Parameter(torch.full(size if isinstance(size, tuple) else (size,), float(init)))
 
     def forward(self) -> torch.Tensor:
-        if self.training:
-            return sample(self.log_alpha, self.shape)
-        return deterministic(self.log_alpha, self.shape)
+        return gate(self.log_alpha, self.shape, self.training)
 
     def expected_l0(self) -> torch.Tensor:
         return prob_nonzero(self.log_alpha, self.shape).sum()

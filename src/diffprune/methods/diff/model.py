@@ -83,7 +83,7 @@ class DiffModel(nn.Module):
 
     # -- the effective parameters --------------------------------------------------------
     def _gate(self, alpha: torch.Tensor) -> torch.Tensor:
-        return gates.sample(alpha, self.gate_shape) if self.training else gates.deterministic(alpha, self.gate_shape)
+        return gates.gate(alpha, self.gate_shape, self.training)
 
     def deltas(self, input_ids: torch.Tensor | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """Per diffed tensor: (rows or None, delta of those rows or of the whole tensor)."""
