@@ -59,7 +59,7 @@ def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
             scores[dtype] = evaluate_patch(copy, data_dir=data_dir)["score"]
     apply_ms, revert_ms, exact = time_apply_revert(patch, repeats)
     bound = bound_bytes(patch)
-    lora = _lora_adapter_bytes(path.parent.name)
+    lora = _lora_adapter_bytes(patch.meta.get("task"))
     return {
         "kind": "storage", "patch": path.parent.name, "task": patch.meta.get("task"),
         "method": patch.meta.get("method"), "nnz": patch.nnz, "base_params": patch.meta["base_params"],
@@ -71,9 +71,8 @@ def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
     }
 
 
-def _lora_adapter_bytes(run: str) -> int | None:
-    """Size of the LoRA r8 adapter file trained on the same task (same seed) in the same harness."""
-    task = run.split("-")[0] if not run.startswith("STS-B") else "STS-B"
+def _lora_adapter_bytes(task: str | None) -> int | None:
+    """Size of the LoRA r8 adapter file trained on the same task (seed 1) in the same harness."""
     adapter = HERE / "runs" / f"{task}-lora-s1" / "adapter" / "adapter_model.safetensors"
     return adapter.stat().st_size if adapter.exists() else None
 
@@ -84,7 +83,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
-    patches = args.patches or sorted(p for p in (HERE / "runs").glob("*-b*/patch.safetensors"))
+    # budgeted runs (`-b0.005`), not BitFit's patch
+    patches = args.patches or sorted(p for p in (HERE / "runs").glob("*-b0.*/patch.safetensors"))
     out = HERE / "results" / "storage.jsonl"
     for path in patches:
         record = measure(path, args.data_dir, args.repeats)

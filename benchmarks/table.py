@@ -7,6 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from diffprune.io import write_text
+
 TASK_ORDER = ["RTE", "MRPC", "STS-B", "SST-2", "CoLA", "QNLI", "QQP", "MNLI", "WNLI"]
 
 
@@ -169,4 +171,4 @@ def write_table(results: Path, readme: Path) -> None:
     text = _replace(text, "cost-table", render_cost(_records(results.parent / "cost.jsonl")))
     text = _replace(text, "storage-table", render_storage(_records(results.parent / "storage.jsonl")))
     text = _replace(text, "study-table", render_study(_records(results.parent / "diff_study.jsonl")))
-    readme.write_text(text)
+    write_text(readme, text)
