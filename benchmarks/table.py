@@ -67,8 +67,13 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Full finetuning's dev floors on the packaged MiniLM, from the foundation issue.
+FULL_FLOORS = {"RTE": 0.55, "MRPC": 0.85, "STS-B": 0.82, "SST-2": 0.87}
+
+
 def render_goals(records: list[dict]) -> str:
-    """The diff-pruning issue's quality goals, each checked on the tasks both sides have measured."""
+    """The diff-pruning issue's quality goals, each checked on the tasks both sides have measured,
+    then full finetuning's floors."""
     runs = [r for r in records if r.get("kind", "run") == "run"]
     cells: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
@@ -98,6 +103,15 @@ def render_goals(records: list[dict]) -> str:
         met = "yes" if (delta >= margin if margin < 0 else delta > 0) else "no"
         lines.append(f"| {method}: {text} | {seeds} | {100 * mine:.1f} | {100 * theirs:.1f} | "
                      f"{delta:+.1f} | {met} |")
+    for task, floor in FULL_FLOORS.items():
+        scores = [r["score"] for r in cells.get("full", {}).get(task, [])]
+        if not scores:
+            lines.append(f"| full: {task} at least {100 * floor:.0f} (the foundation's floor) | not measured yet | – | – | – | – |")
+            continue
+        median = statistics.median(scores)
+        lines.append(f"| full: {task} at least {100 * floor:.0f} (the foundation's floor) | {task} {len(scores)} | "
+                     f"{100 * median:.1f} | {100 * floor:.1f} | {100 * (median - floor):+.1f} | "
+                     f"{'yes' if median >= floor else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

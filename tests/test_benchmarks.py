@@ -54,3 +54,11 @@ def test_lora_goal_only_counts_adapters_at_least_as_large_as_the_patch():
     rows = goal_rows(records)
     assert not any("LoRA r8" in name for name in rows)
     assert rows["diff-struct @0.005: above LoRA r16 (adapter ≥ the 500 B patch)"].endswith("| +2.0 | yes |")
+
+
+def test_full_finetuning_floors_use_the_median_over_seeds():
+    records = [run("RTE", "full", 0.60), run("RTE", "full", 0.52), run("MRPC", "full", 0.849)]
+    rows = goal_rows(records)
+    assert rows["full: RTE at least 55 (the foundation's floor)"].endswith("| 56.0 | 55.0 | +1.0 | yes |")
+    assert rows["full: MRPC at least 85 (the foundation's floor)"].endswith("| no |")
+    assert "not measured yet" in rows["full: SST-2 at least 87 (the foundation's floor)"]
