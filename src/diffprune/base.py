@@ -123,8 +123,7 @@ def load_base(
 
 def _names_a_folder(source: str) -> bool:
     """A hub id is 'name' or 'org/name'; anything else that reads as a path must be a local folder."""
-    return (Path(source).exists() or source.startswith((".", "/", os.sep)) or source.count("/") > 1
-            or (os.sep != "/" and os.sep in source))
+    return Path(source).exists() or source.startswith((".", "/")) or source.count("/") > 1 or "\\" in source
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
