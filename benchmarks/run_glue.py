@@ -48,7 +48,8 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("lora", {"lr": 5e-4, "lora_r": 16, "lora_alpha": 32, "lora_targets": "query,value"}, [1]),
     ("diff", {"budget": 0.005, **FP32}, [1]),
     ("nonadaptive", {"budget": 0.005, **FP32}, [1]),
-    ("diff-struct", {"budget": 0.001, **FP32}, [1]),
+    # two seeds: at 0.1% the patch is small enough that RTE (277 dev examples) swings by seed
+    ("diff-struct", {"budget": 0.001, **FP32}, [1, 2]),
 ]
 MAIN = 4  # the first four variants form the first tier
 
