@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffprune.errors import DiffpruneError
-from diffprune.methods.diff.budget import DensityController, _apportion, budget_count, project, top_k
+from diffprune.methods.diff.budget import DensityController, LogitTrend, _apportion, budget_count, project, top_k
 
 
 def _reference_top_k(values: list[float], k: int) -> list[int]:
@@ -182,3 +182,17 @@ def test_reachable_schedule_never_asks_for_less_than_the_gates_can_reach():
         assert floored.scheduled(step) == pytest.approx(max(cubic.scheduled(step), fall(max(0.0, step - begin))))
     assert floored.scheduled(80) > 0.9 > cubic.scheduled(80)  # early on the gates cannot keep up
     assert floored.scheduled(234) == pytest.approx(0.01, rel=1e-3)  # the target is still reached
+
+
+def test_logit_trend_extrapolates_each_gates_velocity():
+    logits = [torch.full((3,), 5.0), torch.tensor([0.0, 1.0])]
+    velocity = [torch.tensor([-0.1, 0.0, 0.2]), torch.tensor([0.05, -0.3])]
+    trend = LogitTrend(logits, beta=0.9)
+    assert all(torch.equal(a, b) for a, b in zip(trend.ahead(50), logits))  # no motion seen yet
+    for _ in range(200):  # long enough for the average's lag to settle at beta / (1 - beta) steps
+        for logit, v in zip(logits, velocity):
+            logit.add_(v)
+        trend.update()
+    for predicted, logit, v in zip(trend.ahead(30), logits, velocity):
+        torch.testing.assert_close(predicted, logit + 30 * v)
+    assert all(torch.equal(a, b) for a, b in zip(trend.ahead(0), logits))

@@ -21,7 +21,7 @@ from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
 from diffprune.glue import get_task, make_collator
 from diffprune.methods import METHODS, build_method
-from diffprune.methods.diff.budget import _apportion, budget_count, top_k
+from diffprune.methods.diff.budget import DensityController, _apportion, budget_count, top_k
 from diffprune.methods.shira import linear_layers
 from diffprune.patch import TaskPatch
 from diffprune.patch.ops import base_for
@@ -182,6 +182,23 @@ def test_reachable_schedule_keeps_lambda_from_winding_up(run):
     assert climb[0] == pytest.approx(0.2) and abs(climb[1]) < 0.05
 
 
+def test_lookahead_steers_on_where_the_gates_are_heading(run):
+    # Every step, lambda moves by the log ratio of the predicted density to the schedule that
+    # many steps ahead. The gates cannot move at the first step (w is still zero, lambda too),
+    # so the prediction is the density then; after that it runs ahead of it.
+    lookahead = 20
+    options = {"budget": 0.01, "target_density": 0.9, "l0_warmup": 0.0, "alpha_lr": 1.0,
+               "controller_lookahead": lookahead}
+    out, record, _ = run("lookahead", "diff-struct", options)
+    heading, now = _log_values(out, "heading_density"), _log_values(out, "expected_density")[:3]
+    assert heading[0] == now[0] and heading[1] < now[1] and heading[2] < now[2]
+    controller = DensityController(target=0.9, start=1.0, total_steps=3, begin=0.0)
+    lam = PAPER_LAMBDA
+    for step, (density, logged) in enumerate(zip(heading, _log_values(out, "l0_lambda")), start=1):
+        lam = controller.update(lam, density, step + lookahead)
+        assert logged == pytest.approx(lam, rel=1e-6)
+
+
 def test_fixed_lambda_turns_the_controller_off(run):
     out, record, _ = run("fixed-lambda", "diff-struct", {"budget": 0.01, "l0_lambda": PAPER_LAMBDA})
     lambdas = _log_values(out, "l0_lambda")
@@ -265,6 +282,8 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"alpha_max": 4.0})
     with pytest.raises(DiffpruneError, match="--controller-gain"):
         build_method("diff", {"controller_gain": 0.0})
+    with pytest.raises(DiffpruneError, match="--controller-lookahead"):
+        build_method("diff", {"controller_lookahead": -1})
     with pytest.raises(DiffpruneError, match="--fixed-lr"):
         build_method("diff", {"fixed_lr": -1e-3})
     with pytest.raises(DiffpruneError, match="--l0-lambda cannot be negative"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -110,3 +110,33 @@ class DensityController:
         # The log ratio weighs "twice too dense" and "half as dense as planned" alike.
         error = max(-self.max_fall, min(1.0, math.log(max(density, 1e-12) / goal)))
         return lam * math.exp(self.gain * error)
+
+
+class LogitTrend:
+    """Where each gate logit is heading: its recent velocity, for a controller that steers on the
+    density a few tens of steps ahead instead of the density now.
+
+    The density lags the penalty: a gate logit falls at most about one gate learning rate per
+    Adam step, and from its start (5) it crosses most of the way to the stretch's dead zone
+    before its P(z != 0) moves much. A controller that waits for the density keeps raising
+    lambda all that while, and when the gates arrive they close together (the collapses in
+    benchmarks/README.md). Their velocity shows at once. It is kept as an exponential moving
+    average e of the logits (one copy of them): for a logit moving at a constant v per step,
+    a - e = v * beta / (1 - beta), so a + H * v = a + H * (1 - beta) / beta * (a - e).
+    """
+
+    def __init__(self, logits: list[torch.Tensor], beta: float = 0.9) -> None:
+        self.logits, self.beta = logits, beta
+        self.average = [a.detach().clone() for a in logits]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for average, logit in zip(self.average, self.logits):
+            average.lerp_(logit, 1 - self.beta)
+
+    @torch.no_grad()
+    def ahead(self, steps: int) -> Iterator[torch.Tensor]:
+        """The logits `steps` steps ahead at their present velocity, one tensor at a time."""
+        scale = steps * (1 - self.beta) / self.beta
+        for average, logit in zip(self.average, self.logits):
+            yield logit + scale * (logit - average)

@@ -21,7 +21,7 @@ from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape, prob_nonzero
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
-from diffprune.methods.diff.budget import DensityController, budget_count, project
+from diffprune.methods.diff.budget import DensityController, LogitTrend, budget_count, project
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
@@ -78,6 +78,9 @@ class DiffOptions(PatchOptions):
     schedule: str = option(
         "cubic", "Controller's density schedule: cubic, or reachable (never below the fastest fall the gates can make)."
     )
+    controller_lookahead: int = option(
+        0, "Controller: steer on the density this many steps ahead, from the gate logits' velocity (0: the density now)."
+    )
     alpha_max: float | None = option(
         None, "Upper bound of the gate logits, kept after every step (default: none, as in the paper)."
     )
@@ -108,6 +111,8 @@ class DiffOptions(PatchOptions):
             raise DiffpruneError("need 0 <= --l0-warmup < --l0-reach <= 1")
         if self.controller_gain <= 0:
             raise DiffpruneError("--controller-gain must be positive")
+        if self.controller_lookahead < 0:
+            raise DiffpruneError("--controller-lookahead cannot be negative")
         if self.alpha_lr <= 0:
             raise DiffpruneError("--alpha-lr must be positive")
         if self.alpha_max is not None and self.alpha_max < self.alpha_init:
@@ -276,8 +281,18 @@ class _AdaptiveDiff(_DiffBase):
                 ParamGroup("gates", gate_params, c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
             ] + self._head_groups(model, base, head_lr, s.weight_decay)
 
+        # The lookahead's trend starts with the phase (after a resume: at the first step, and
+        # re-warms in about ten steps). Group logits first: the entries' density needs them.
+        trend: list[LogitTrend] = []
+        heading_density: list[float] = []  # its last prediction, for the log
+
+        def follow_the_gates() -> None:
+            trend[:] = [LogitTrend(gate_params[-1:] + gate_params[:-1] if self.structured else gate_params)]
+
         def start() -> None:  # the controller starts with no penalty: see DensityController
             model.l0_lambda.fill_(c.l0_lambda if c.l0_lambda is not None else 0.0)
+            if c.controller_lookahead:
+                follow_the_gates()
 
         last_l0: list[float] = []  # the product-form expected L0 of the last step, for the controller
 
@@ -294,21 +309,34 @@ class _AdaptiveDiff(_DiffBase):
                 with torch.no_grad():
                     for alpha in gate_params:
                         alpha.clamp_(max=c.alpha_max)
-            if c.l0_lambda is None:
-                controller = DensityController(target=target, start=1.0, total_steps=total,
-                                               begin=c.l0_warmup, reach=c.l0_reach, gain=c.controller_gain,
-                                               reachable=reachable if c.schedule == "reachable" else None)
-                if not controller.penalised(step):
-                    return
+            if c.l0_lambda is not None:
+                return
+            ahead = c.controller_lookahead
+            if ahead and not trend:
+                follow_the_gates()
+            if ahead:
+                trend[0].update()
+            controller = DensityController(target=target, start=1.0, total_steps=total,
+                                           begin=c.l0_warmup, reach=c.l0_reach, gain=c.controller_gain,
+                                           reachable=reachable if c.schedule == "reachable" else None)
+            if not controller.penalised(step):
+                return
+            if ahead:
+                heading = trend[0].ahead(ahead)
+                group = next(heading) if self.structured else None
+                density = model.expected_density(heading, group)
+                heading_density[:] = [density]
+            else:
                 density = last_l0[0] / model.total if last_l0 else model.expected_density()
-                lam = float(model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
-                model.l0_lambda.fill_(controller.update(lam, density, step))
+            lam = float(model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
+            model.l0_lambda.fill_(controller.update(lam, density, step + ahead))
 
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
                    warmup_ratio=s.warmup_ratio, extra_losses=penalty, on_start=start, after_step=steer,
                    keep_best=False,
                    metrics=lambda: {"expected_density": model.expected_density(), "l0_lambda": float(model.l0_lambda),
-                                    "gates_above_init": model.fraction_of_gates_above(c.alpha_init)})
+                                    "gates_above_init": model.fraction_of_gates_above(c.alpha_init),
+                                    **({"heading_density": heading_density[0]} if heading_density else {})})
         return [l0, self._fixed_phase(model, base, s)]
 
 

@@ -16,6 +16,8 @@ depend on the other rows, so this is exact, not an approximation.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -143,10 +145,15 @@ class DiffModel(nn.Module):
         return total
 
     @torch.no_grad()
-    def expected_density(self) -> float:
-        group = gates.prob_nonzero(self.group_log_alpha, self.gate_shape) if self.structured else None
+    def expected_density(self, log_alpha: Iterable[torch.Tensor] | None = None,
+                         group_log_alpha: torch.Tensor | None = None) -> float:
+        """The expected share of nonzero entries at the gates' logits, or at others given (e.g.
+        where the gates are heading); an iterable of entry logits is read one tensor at a time."""
+        log_alpha = self.log_alpha if log_alpha is None else log_alpha
+        group_log_alpha = self.group_log_alpha if group_log_alpha is None else group_log_alpha
+        group = gates.prob_nonzero(group_log_alpha, self.gate_shape) if self.structured else None
         total = 0.0
-        for i, alpha in enumerate(self.log_alpha):
+        for i, alpha in enumerate(log_alpha):
             p = gates.prob_nonzero(alpha, self.gate_shape).sum().item()
             total += p * (group[i].item() if group is not None else 1.0)
         return total / self.total
