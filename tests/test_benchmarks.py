@@ -1,13 +1,19 @@
 """The benchmark scripts: every planned run is a valid configuration, and the goal checks read
 the records the way the issue states them."""
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GLUE_FIXTURES, run_cli
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import run_glue  # noqa: E402
+import study  # noqa: E402
 import table  # noqa: E402
 
 
@@ -62,3 +68,36 @@ def test_full_finetuning_floors_use_the_median_over_seeds():
     assert rows["full: RTE at least 55 (the foundation's floor)"].endswith("| 56.0 | 55.0 | +1.0 | yes |")
     assert rows["full: MRPC at least 85 (the foundation's floor)"].endswith("| no |")
     assert "not measured yet" in rows["full: SST-2 at least 87 (the foundation's floor)"]
+
+
+def test_a_branch_from_the_l0_phase_is_the_whole_run(tiny_model, tmp_path):
+    """study.py --from-l0: an L0-only run, copied and resumed with another fixed-mask learning
+    rate, ends with the patch of a whole run made with that rate (the projection's gate sample
+    included, since the checkpoint holds the RNG)."""
+    common = {"task": "MRPC", "method": "diff-struct", "model": tiny_model, "seed": 3, "epochs": 2,
+              "batch_size": 8, "max_seq_length": 64, "max_eval_samples": 8, "budget": 0.01,
+              "patch_dtype": "float32"}
+    configs = {"l0": {**common, "fixed_epochs": 0}, "branch": {**common, "fixed_lr": 0.003}}
+    configs["whole"] = configs["branch"]
+
+    def train(name, *extra):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(configs[name]))
+        done = run_cli("train", "--config", str(path), "--output", str(tmp_path / name), "--data-dir",
+                       str(GLUE_FIXTURES), *extra, OMP_NUM_THREADS="1")
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train("l0")
+    study.branch_from_l0(tmp_path / "l0", tmp_path / "branch", configs["branch"])
+    assert not (tmp_path / "branch" / "patch.safetensors").exists()
+    train("branch", "--resume")
+    train("whole")
+    branch, whole = (load_file(tmp_path / name / "patch.safetensors") for name in ("branch", "whole"))
+    assert branch.keys() == whole.keys()
+    assert all(torch.equal(branch[k], whole[k]) for k in branch)
+    evals = [json.loads((tmp_path / name / "run.json").read_text())["evals"] for name in ("branch", "whole")]
+    assert [e["phase"] for e in evals[0]] == ["l0", "l0", "fixed-mask", "fixed-mask"]
+    assert [e["score"] for e in evals[0]] == [e["score"] for e in evals[1]]
+
+    with pytest.raises(SystemExit, match="other settings"):  # the L0 phase itself must match
+        study.branch_from_l0(tmp_path / "l0", tmp_path / "other", {**configs["branch"], "alpha_lr": 0.2})
