@@ -9,7 +9,6 @@ magnitude, optionally finetune those k values.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,103 +20,14 @@ from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape, prob_nonzero
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
-from diffprune.methods.diff.budget import DensityController, LogitTrend, budget_count, project
+from diffprune.methods.diff.budget import budget_count, project
 from diffprune.methods.diff.model import DiffModel
+from diffprune.methods.diff.options import DiffOptions, PatchOptions
+from diffprune.methods.diff.steering import PenaltySteering
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
 from diffprune.training.phases import ParamGroup, Phase, decay_split
-from diffprune.training.settings import TrainSettings, option
-
-
-@dataclass
-class PatchOptions:
-    """What every diff method shares: the budget, the diffed tensors, the fixed-mask phase, the file."""
-
-    budget: float = option(0.005, "Entries the patch keeps: a fraction of the base parameters, or a count if >= 1.")
-    budget_scope: str = option("global", "Projection threshold: global (the paper) or per-tensor (same fraction each).")
-    budget_counts_head: bool = option(False, "Count the dense head inside the budget (the reference code's choice).")
-    fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
-    fixed_epochs: float | None = option(None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs.")
-    fixed_lr: float | None = option(None, "Learning rate of the fixed-mask phase; default: 5 x --lr.")
-    diff_include: str = option("*", "Comma-separated globs of base parameter names to diff (default: all).")
-    diff_exclude: str = option("", "Comma-separated globs of base parameter names never to diff.")
-    patch_dtype: str = option("float16", "Stored value type of the patch: float32, float16 or bfloat16.")
-
-    CHOICES = {
-        "budget_scope": ("global", "per-tensor"),
-        "fixed_init": ("projected", "w"),
-        "patch_dtype": ("float32", "float16", "bfloat16"),
-    }
-
-    def __post_init__(self) -> None:
-        for name, allowed in self.CHOICES.items():
-            if getattr(self, name) not in allowed:
-                flag = "--" + name.replace("_", "-")
-                raise DiffpruneError(f"{flag} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
-        if self.fixed_lr is not None and self.fixed_lr <= 0:
-            raise DiffpruneError("--fixed-lr must be positive")
-        if self.fixed_epochs is not None and self.fixed_epochs < 0:
-            raise DiffpruneError("--fixed-epochs cannot be negative")
-
-
-@dataclass
-class DiffOptions(PatchOptions):
-    """The learned (L0) methods' options on top: the gates, the penalty and its controller."""
-
-    l0_lambda: float | None = option(
-        None, "Fixed L0 penalty weight per entry (paper: 1.25e-7). Default: a density controller sets it."
-    )
-    target_density: float | None = option(
-        None, "Density the controller steers the L0 phase to; default: twice the budget fraction."
-    )
-    l0_warmup: float = option(
-        0.25, "Fraction of the L0 phase with the gates held open (no penalty) while w learns; controller only."
-    )
-    l0_reach: float = option(0.75, "Fraction of the L0 phase by which the controller reaches --target-density.")
-    controller_gain: float = option(0.1, "Controller: change of log(lambda) per step at a log-density error of 1.")
-    schedule: str = option(
-        "cubic", "Controller's density schedule: cubic, or reachable (never below the fastest fall the gates can make)."
-    )
-    controller_lookahead: int = option(
-        0, "Controller: steer on the density this many steps ahead, from the gate logits' velocity (0: the density now)."
-    )
-    alpha_max: float | None = option(
-        None, "Upper bound of the gate logits, kept after every step (default: none, as in the paper)."
-    )
-    alpha_lr: float = option(0.1, "Learning rate of the gate logits (constant, never decayed).")
-    alpha_init: float = option(5.0, "Initial gate logit (5: gates start open).")
-    gate_l: float = option(-1.5, "Hard-concrete stretch, lower end.")
-    gate_r: float = option(1.5, "Hard-concrete stretch, upper end.")
-    gate_temperature: float = option(1.0, "Hard-concrete temperature beta (1: none, as in the paper).")
-    group_penalty: str = option(
-        "additive", "diff-struct penalty: additive (the reference code; default) or product (the paper's equation)."
-    )
-    projection: str = option("sample", "Gates used for the projection: sample (the paper: one draw) or deterministic.")
-
-    CHOICES = {
-        **PatchOptions.CHOICES,
-        "group_penalty": ("product", "additive"),
-        "projection": ("sample", "deterministic"),
-        "schedule": ("cubic", "reachable"),
-    }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l0_lambda is not None and self.l0_lambda < 0:
-            raise DiffpruneError("--l0-lambda cannot be negative (a negative penalty rewards density)")
-        if self.target_density is not None and not 0 < self.target_density <= 1:
-            raise DiffpruneError("--target-density must be in (0, 1]")
-        if not 0 <= self.l0_warmup < self.l0_reach <= 1:
-            raise DiffpruneError("need 0 <= --l0-warmup < --l0-reach <= 1")
-        if self.controller_gain <= 0:
-            raise DiffpruneError("--controller-gain must be positive")
-        if self.controller_lookahead < 0:
-            raise DiffpruneError("--controller-lookahead cannot be negative")
-        if self.alpha_lr <= 0:
-            raise DiffpruneError("--alpha-lr must be positive")
-        if self.alpha_max is not None and self.alpha_max < self.alpha_init:
-            raise DiffpruneError("--alpha-max must be at least --alpha-init")
-        GateShape(self.gate_l, self.gate_r, self.gate_temperature)
+from diffprune.training.settings import TrainSettings
 
 
 def diffed_names(base: BaseModel, include: str, exclude: str) -> list[str]:
@@ -254,9 +164,6 @@ class _DiffBase(Method):
         return extras
 
 
-PAPER_LAMBDA = 1.25e-7  # BERT-large; also the controller's starting point
-
-
 class _AdaptiveDiff(_DiffBase):
     Config = DiffOptions
     default_lr = 1e-4
@@ -271,72 +178,21 @@ class _AdaptiveDiff(_DiffBase):
     def phases(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
         c, lr = self.config, self.lr(s)
         head_lr = s.head_lr if s.head_lr is not None else lr
-        gate_params = [*model.log_alpha] + ([model.group_log_alpha] if self.structured else [])
+        gate_logits = [*model.log_alpha] + ([model.group_log_alpha] if self.structured else [])
         target = c.target_density if c.target_density is not None else min(1.0, 2 * self.k / model.total)
+        steering = PenaltySteering(model, gate_logits, c, target)
 
         def groups() -> list[ParamGroup]:
             clip = s.max_grad_norm or None  # w and the gates are clipped separately, as in the paper
             return [
                 ParamGroup("w", list(model.w), lr, 0.0, max_grad_norm=clip),
-                ParamGroup("gates", gate_params, c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
+                ParamGroup("gates", gate_logits, c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
             ] + self._head_groups(model, base, head_lr, s.weight_decay)
 
-        # The lookahead's trend starts with the phase (after a resume: at the first step, and
-        # re-warms in about ten steps). Group logits first: the entries' density needs them.
-        trend: list[LogitTrend] = []
-        heading_density: list[float] = []  # its last prediction, for the log
-
-        def follow_the_gates() -> None:
-            trend[:] = [LogitTrend(gate_params[-1:] + gate_params[:-1] if self.structured else gate_params)]
-
-        def start() -> None:  # the controller starts with no penalty: see DensityController
-            model.l0_lambda.fill_(c.l0_lambda if c.l0_lambda is not None else 0.0)
-            if c.controller_lookahead:
-                follow_the_gates()
-
-        last_l0: list[float] = []  # the product-form expected L0 of the last step, for the controller
-
-        def reachable(steps: float) -> float:  # every gate falling one learning rate per step
-            return float(prob_nonzero(torch.tensor(c.alpha_init - c.alpha_lr * steps), model.gate_shape))
-
-        def penalty() -> dict[str, torch.Tensor]:
-            l0 = model.expected_l0(c.group_penalty)
-            last_l0[:] = [l0.item()] if c.group_penalty == "product" or not self.structured else []
-            return {"l0_penalty": float(model.l0_lambda) * l0}
-
-        def steer(step: int, total: int) -> None:
-            if c.alpha_max is not None:
-                with torch.no_grad():
-                    for alpha in gate_params:
-                        alpha.clamp_(max=c.alpha_max)
-            if c.l0_lambda is not None:
-                return
-            ahead = c.controller_lookahead
-            if ahead and not trend:
-                follow_the_gates()
-            if ahead:
-                trend[0].update()
-            controller = DensityController(target=target, start=1.0, total_steps=total,
-                                           begin=c.l0_warmup, reach=c.l0_reach, gain=c.controller_gain,
-                                           reachable=reachable if c.schedule == "reachable" else None)
-            if not controller.penalised(step):
-                return
-            if ahead:
-                heading = trend[0].ahead(ahead)
-                group = next(heading) if self.structured else None
-                density = model.expected_density(heading, group)
-                heading_density[:] = [density]
-            else:
-                density = last_l0[0] / model.total if last_l0 else model.expected_density()
-            lam = float(model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
-            model.l0_lambda.fill_(controller.update(lam, density, step + ahead))
-
+        # keep_best off: the projection needs the L0 phase's last state, not its best epoch's.
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
-                   warmup_ratio=s.warmup_ratio, extra_losses=penalty, on_start=start, after_step=steer,
-                   keep_best=False,
-                   metrics=lambda: {"expected_density": model.expected_density(), "l0_lambda": float(model.l0_lambda),
-                                    "gates_above_init": model.fraction_of_gates_above(c.alpha_init),
-                                    **({"heading_density": heading_density[0]} if heading_density else {})})
+                   warmup_ratio=s.warmup_ratio, extra_losses=steering.penalty, on_start=steering.start,
+                   after_step=steering.after_step, keep_best=False, metrics=steering.metrics)
         return [l0, self._fixed_phase(model, base, s)]
 
 

@@ -1,0 +1,93 @@
+"""The L0 phase's penalty weight lambda: the paper's fixed value, or steered by the density controller."""
+
+from __future__ import annotations
+
+import torch
+
+from diffprune.gates import prob_nonzero
+from diffprune.methods.diff.budget import DensityController, LogitTrend
+from diffprune.methods.diff.model import DiffModel
+from diffprune.methods.diff.options import DiffOptions
+
+PAPER_LAMBDA = 1.25e-7  # BERT-large; also the controller's starting point
+
+
+class PenaltySteering:
+    """Owns lambda for one L0 phase: the penalty term the loop adds to the loss, and lambda's
+    update after every step.
+
+    With `--l0-lambda` set, lambda stays at that value. Otherwise the phase starts with no
+    penalty and a `DensityController` moves lambda after each step, by the expected density
+    now or, with `--controller-lookahead`, by the density the gate logits are heading for
+    (`LogitTrend`). Lambda and the controller's other state live in the model's buffers or are
+    rebuilt from the logits, so a resumed run steers like the uninterrupted one (the trend
+    re-warms within about ten steps).
+    """
+
+    def __init__(self, model: DiffModel, gate_logits: list[torch.Tensor], options: DiffOptions, target: float) -> None:
+        self.model, self.gate_logits, self.options, self.target = model, gate_logits, options, target
+        self.trend: LogitTrend | None = None
+        self.heading_density: float | None = None  # the lookahead's last prediction, for the log
+        self.last_l0: float | None = None  # the product-form expected L0 of the last step
+
+    @property
+    def steered(self) -> bool:
+        return self.options.l0_lambda is None
+
+    def start(self) -> None:
+        self.model.l0_lambda.fill_(0.0 if self.steered else self.options.l0_lambda)
+        self.trend = self._follow_the_gates() if self.options.controller_lookahead else None
+
+    def penalty(self) -> dict[str, torch.Tensor]:
+        """The loss term lambda * E[L0]; remembers E[L0] when it is the density the controller reads."""
+        o, model = self.options, self.model
+        l0 = model.expected_l0(o.group_penalty)
+        self.last_l0 = l0.item() if o.group_penalty == "product" or not model.structured else None
+        return {"l0_penalty": float(model.l0_lambda) * l0}
+
+    def after_step(self, step: int, total: int) -> None:
+        o = self.options
+        if o.alpha_max is not None:
+            with torch.no_grad():
+                for alpha in self.gate_logits:
+                    alpha.clamp_(max=o.alpha_max)
+        if not self.steered:
+            return
+        if o.controller_lookahead:
+            self.trend = self.trend or self._follow_the_gates()  # after a resume: from here on
+            self.trend.update()
+        controller = DensityController(target=self.target, start=1.0, total_steps=total, begin=o.l0_warmup,
+                                       reach=o.l0_reach, gain=o.controller_gain,
+                                       reachable=self._reachable if o.schedule == "reachable" else None)
+        if not controller.penalised(step):
+            return
+        lam = float(self.model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
+        self.model.l0_lambda.fill_(controller.update(lam, self._density(), step + o.controller_lookahead))
+
+    def metrics(self) -> dict[str, float]:
+        model = self.model
+        logged = {"expected_density": model.expected_density(), "l0_lambda": float(model.l0_lambda),
+                  "gates_above_init": model.fraction_of_gates_above(self.options.alpha_init)}
+        if self.heading_density is not None:
+            logged["heading_density"] = self.heading_density
+        return logged
+
+    def _density(self) -> float:
+        """The density the controller steers on: where the gates are heading, or where they are."""
+        model = self.model
+        if self.trend is not None:
+            heading = self.trend.ahead(self.options.controller_lookahead)
+            group = next(heading) if model.structured else None
+            self.heading_density = model.expected_density(heading, group)
+            return self.heading_density
+        return self.last_l0 / model.total if self.last_l0 is not None else model.expected_density()
+
+    def _follow_the_gates(self) -> LogitTrend:
+        # Group logits first: the entries' expected density needs them.
+        logits = self.gate_logits[-1:] + self.gate_logits[:-1] if self.model.structured else self.gate_logits
+        return LogitTrend(logits)
+
+    def _reachable(self, steps: float) -> float:
+        """The density if every gate fell one gate learning rate per step since the penalty began."""
+        o = self.options
+        return float(prob_nonzero(torch.tensor(o.alpha_init - o.alpha_lr * steps), self.model.gate_shape))
