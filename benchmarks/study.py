@@ -52,8 +52,8 @@ def branch_from_l0(source: Path, target: Path, config: dict) -> None:
     defaults = {f.name: f.default for f in fields(get_method(config["method"]).Config)}
     mine = {k: config.get(k, defaults[k]) for k in settings["method_options"]}
     differs = sorted(k for k in mine if mine[k] != settings["method_options"][k] and k not in AFTER_L0)
-    general = sorted(k for k in config if k not in mine and settings.get(k) != config[k])
-    if differs or general or settings["seed"] != config["seed"] or settings["task"] != config["task"]:
+    general = sorted(k for k in config if k not in mine and settings.get(k) != config[k])  # task, seed, ...
+    if differs or general:
         raise SystemExit(f"{source} trained its L0 phase with other settings ({', '.join(differs + general)})")
     if target.exists():
         return  # a branch made before: resume it
