@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
 
 from conftest import GLUE_FIXTURES, run_cli
