@@ -178,15 +178,14 @@ class _AdaptiveDiff(_DiffBase):
     def phases(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
         c, lr = self.config, self.lr(s)
         head_lr = s.head_lr if s.head_lr is not None else lr
-        gate_logits = [*model.log_alpha] + ([model.group_log_alpha] if self.structured else [])
         target = c.target_density if c.target_density is not None else min(1.0, 2 * self.k / model.total)
-        steering = PenaltySteering(model, gate_logits, c, target)
+        steering = PenaltySteering(model, c, target)
 
         def groups() -> list[ParamGroup]:
             clip = s.max_grad_norm or None  # w and the gates are clipped separately, as in the paper
             return [
                 ParamGroup("w", list(model.w), lr, 0.0, max_grad_norm=clip),
-                ParamGroup("gates", gate_logits, c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
+                ParamGroup("gates", model.gate_logits(), c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
             ] + self._head_groups(model, base, head_lr, s.weight_decay)
 
         # keep_best off: the projection needs the L0 phase's last state, not its best epoch's.

@@ -79,9 +79,13 @@ class DiffModel(nn.Module):
         self.mode_index.fill_(MODES.index(mode))
         for p in self.w:
             p.requires_grad_(mode in ("dense", "l0"))
-        for p in [*self.log_alpha] + ([self.group_log_alpha] if self.structured else []):
+        for p in self.gate_logits():
             p.requires_grad_(mode == "l0")
         self.values.requires_grad_(mode == "fixed")
+
+    def gate_logits(self) -> list[nn.Parameter]:
+        """Every gate logit tensor: one per diffed tensor, then the group logits (structured only)."""
+        return [*self.log_alpha] + ([self.group_log_alpha] if self.structured else [])
 
     # -- the effective parameters --------------------------------------------------------
     def _gate(self, alpha: torch.Tensor) -> torch.Tensor:

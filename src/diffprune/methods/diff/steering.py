@@ -24,8 +24,9 @@ class PenaltySteering:
     re-warms within about ten steps).
     """
 
-    def __init__(self, model: DiffModel, gate_logits: list[torch.Tensor], options: DiffOptions, target: float) -> None:
-        self.model, self.gate_logits, self.options, self.target = model, gate_logits, options, target
+    def __init__(self, model: DiffModel, options: DiffOptions, target: float) -> None:
+        self.model, self.options, self.target = model, options, target
+        self.controller: DensityController | None = None  # made at the first step, which knows the phase's length
         self.trend: LogitTrend | None = None
         self.heading_density: float | None = None  # the lookahead's last prediction, for the log
         self.last_l0: float | None = None  # the product-form expected L0 of the last step
@@ -49,20 +50,21 @@ class PenaltySteering:
         o = self.options
         if o.alpha_max is not None:
             with torch.no_grad():
-                for alpha in self.gate_logits:
+                for alpha in self.model.gate_logits():
                     alpha.clamp_(max=o.alpha_max)
         if not self.steered:
             return
         if o.controller_lookahead:
             self.trend = self.trend or self._follow_the_gates()  # after a resume: from here on
             self.trend.update()
-        controller = DensityController(target=self.target, start=1.0, total_steps=total, begin=o.l0_warmup,
-                                       reach=o.l0_reach, gain=o.controller_gain,
-                                       reachable=self._reachable if o.schedule == "reachable" else None)
-        if not controller.penalised(step):
+        if self.controller is None:
+            self.controller = DensityController(target=self.target, start=1.0, total_steps=total, begin=o.l0_warmup,
+                                                reach=o.l0_reach, gain=o.controller_gain,
+                                                reachable=self._reachable if o.schedule == "reachable" else None)
+        if not self.controller.penalised(step):
             return
         lam = float(self.model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
-        self.model.l0_lambda.fill_(controller.update(lam, self._density(), step + o.controller_lookahead))
+        self.model.l0_lambda.fill_(self.controller.update(lam, self._density(), step + o.controller_lookahead))
 
     def metrics(self) -> dict[str, float]:
         model = self.model
@@ -84,7 +86,8 @@ class PenaltySteering:
 
     def _follow_the_gates(self) -> LogitTrend:
         # Group logits first: the entries' expected density needs them.
-        logits = self.gate_logits[-1:] + self.gate_logits[:-1] if self.model.structured else self.gate_logits
+        logits = self.model.gate_logits()
+        logits = logits[-1:] + logits[:-1] if self.model.structured else logits
         return LogitTrend(logits)
 
     def _reachable(self, steps: float) -> float:
