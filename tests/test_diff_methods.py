@@ -199,6 +199,20 @@ def test_lookahead_steers_on_where_the_gates_are_heading(run):
         assert logged == pytest.approx(lam, rel=1e-6)
 
 
+def test_shift_steering_puts_the_density_on_the_schedule_without_a_penalty(run):
+    # No warm stretch, so every step is steered: the density must sit on the schedule after each.
+    options = {"budget": 0.01, "target_density": 0.2, "l0_warmup": 0.0, "steer": "shift"}
+    out, record, _ = run("shift", "diff-struct", options)
+    controller = DensityController(target=0.2, start=1.0, total_steps=3, begin=0.0)
+    densities = _log_values(out, "expected_density")[:3]
+    assert densities == pytest.approx([controller.scheduled(step) for step in (1, 2, 3)], rel=2e-3)
+    assert all(shift > 0 for shift in _log_values(out, "logit_shift"))
+    assert _log_values(out, "l0_penalty") == [] and set(_log_values(out, "l0_lambda")) == {0.0}
+    assert record["nnz"] == record["k"]
+    with pytest.raises(DiffpruneError, match="--steer shift uses no penalty"):
+        build_method("diff", {"steer": "shift", "l0_lambda": PAPER_LAMBDA})
+
+
 def test_fixed_lambda_turns_the_controller_off(run):
     out, record, _ = run("fixed-lambda", "diff-struct", {"budget": 0.01, "l0_lambda": PAPER_LAMBDA})
     lambdas = _log_values(out, "l0_lambda")

@@ -334,3 +334,28 @@ def test_toy_model_without_input_embeddings():
     out = functional_call(dm.model, dm.effective_parameters(), (x,), strict=False)
     expected = x @ dm.model.lin.weight.T + dm.model.lin.bias + 0.75 * 0.2  # only the bias moves
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_lower_gates_to_puts_the_density_on_the_goal_and_keeps_the_order(base, structured):
+    dm = _wrap(base, structured=structured)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for alpha in dm.log_alpha:
+            alpha.add_(torch.randn(alpha.shape, generator=g) * 3)
+        if structured:
+            dm.group_log_alpha.copy_(torch.linspace(6.0, -2.0, len(dm.names)))
+    before = [a.detach().clone() for a in dm.log_alpha]
+    groups = dm.group_log_alpha.detach().clone() if structured else None
+    for goal in (0.3, 0.01, 0.001):
+        c = dm.lower_gates_to(goal)
+        assert c > 0 and dm.expected_density() == pytest.approx(goal, rel=2e-3)
+    # One common shift of the entry logits: their order is untouched, the group gates too.
+    shift = before[0].reshape(-1)[0] - dm.log_alpha[0].reshape(-1)[0]
+    assert all(torch.allclose(b - a, shift.expand_as(a), atol=1e-4) for a, b in zip(dm.log_alpha, before))
+    if structured:
+        assert torch.equal(dm.group_log_alpha, groups)
+    # Never raised: asking for more density than there is leaves the logits as they are.
+    now = [a.detach().clone() for a in dm.log_alpha]
+    assert dm.lower_gates_to(0.9) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(dm.log_alpha, now))

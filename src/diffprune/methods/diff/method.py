@@ -23,7 +23,7 @@ from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, pat
 from diffprune.methods.diff.budget import budget_count, project
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.diff.options import DiffOptions, PatchOptions
-from diffprune.methods.diff.steering import PenaltySteering
+from diffprune.methods.diff.steering import DensitySteering
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
 from diffprune.training.phases import ParamGroup, Phase, decay_split
@@ -179,7 +179,7 @@ class _AdaptiveDiff(_DiffBase):
         c, lr = self.config, self.lr(s)
         head_lr = s.head_lr if s.head_lr is not None else lr
         target = c.target_density if c.target_density is not None else min(1.0, 2 * self.k / model.total)
-        steering = PenaltySteering(model, c, target)
+        steering = DensitySteering(model, c, target)
 
         def groups() -> list[ParamGroup]:
             clip = s.max_grad_norm or None  # w and the gates are clipped separately, as in the paper

@@ -16,6 +16,7 @@ depend on the other rows, so this is exact, not an approximation.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -161,6 +162,44 @@ class DiffModel(nn.Module):
             p = gates.prob_nonzero(alpha, self.gate_shape).sum().item()
             total += p * (group[i].item() if group is not None else 1.0)
         return total / self.total
+
+    @torch.no_grad()
+    def lower_gates_to(self, density: float, tolerance: float = 1e-3) -> float:
+        """Lower every entry gate logit by the same amount c >= 0, the one that puts the expected
+        density at `density` (never raising it), and return c. The logits keep their order, so
+        which entries stay open is what the task taught the gates; only how many is set here.
+
+        Solved by Newton's method on log density, which is nearly linear in c once most gates are
+        in the sigmoid's tail (two or three passes over the logits), kept inside a bisection
+        bracket so that it always converges."""
+        group = gates.prob_nonzero(self.group_log_alpha, self.gate_shape) if self.structured else None
+
+        def log_density(c: float) -> tuple[float, float]:
+            """log E[density] after lowering the logits by c, and its derivative in c."""
+            value = slope = 0.0
+            for i, alpha in enumerate(self.log_alpha):
+                p = (alpha - (c + self.gate_shape.shift)).sigmoid_().reshape(-1)  # P(z != 0), in one buffer
+                weight = float(group[i]) if group is not None else 1.0
+                mass = float(p.sum(dtype=torch.float64))
+                value += weight * mass
+                slope -= weight * (mass - float(p.dot(p)))  # d/dc sum(p) = -sum(p (1 - p))
+            return math.log(max(value / self.total, 1e-300)), slope / max(value, 1e-300)
+
+        goal = math.log(density)
+        now, slope = log_density(0.0)
+        if now <= goal + tolerance:
+            return 0.0
+        low, high, c = 0.0, math.inf, 0.0
+        for _ in range(60):
+            if abs(now - goal) <= tolerance:
+                break
+            low, high = (c, high) if now > goal else (low, c)
+            newton = c - (now - goal) / slope if slope < 0 else math.inf
+            c = newton if low < newton < high else (low + high) / 2 if high < math.inf else 2 * c + 1
+            now, slope = log_density(c)
+        for alpha in self.log_alpha:
+            alpha.sub_(c)
+        return c
 
     @torch.no_grad()
     def fraction_of_gates_above(self, logit: float) -> float:

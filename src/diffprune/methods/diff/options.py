@@ -50,6 +50,11 @@ class DiffOptions(PatchOptions):
     target_density: float | None = option(
         None, "Density the controller steers the L0 phase to; default: twice the budget fraction."
     )
+    steer: str = option(
+        "lambda", "How the L0 phase follows its density schedule: lambda (the controller moves the penalty weight) "
+        "or shift (no penalty: after each step every entry gate logit moves down by the amount that puts the "
+        "expected density on the schedule)."
+    )
     l0_warmup: float = option(
         0.25, "Fraction of the L0 phase with the gates held open (no penalty) while w learns; controller only."
     )
@@ -79,12 +84,15 @@ class DiffOptions(PatchOptions):
         "group_penalty": ("product", "additive"),
         "projection": ("sample", "deterministic"),
         "schedule": ("cubic", "reachable"),
+        "steer": ("lambda", "shift"),
     }
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.l0_lambda is not None and self.l0_lambda < 0:
             raise DiffpruneError("--l0-lambda cannot be negative (a negative penalty rewards density)")
+        if self.steer == "shift" and self.l0_lambda is not None:
+            raise DiffpruneError("--steer shift uses no penalty: drop --l0-lambda")
         if self.target_density is not None and not 0 < self.target_density <= 1:
             raise DiffpruneError("--target-density must be in (0, 1]")
         if not 0 <= self.l0_warmup < self.l0_reach <= 1:

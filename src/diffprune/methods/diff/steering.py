@@ -1,4 +1,5 @@
-"""The L0 phase's penalty weight lambda: the paper's fixed value, or steered by the density controller."""
+"""How the L0 phase's density falls: the paper's fixed lambda, lambda steered by the density
+controller, or the gate logits shifted onto the density schedule."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from diffprune.methods.diff.options import DiffOptions
 PAPER_LAMBDA = 1.25e-7  # BERT-large; also the controller's starting point
 
 
-class PenaltySteering:
-    """Owns lambda for one L0 phase: the penalty term the loop adds to the loss, and lambda's
-    update after every step.
+class DensitySteering:
+    """Owns the density's fall in one L0 phase: the penalty term the loop adds to the loss, and
+    what moves after every step (lambda, or the gate logits themselves).
 
     With `--l0-lambda` set, lambda stays at that value. Otherwise the phase starts with no
     penalty and a `DensityController` moves lambda after each step, by the expected density
@@ -22,6 +23,14 @@ class PenaltySteering:
     (`LogitTrend`). Lambda and the controller's other state live in the model's buffers or are
     rebuilt from the logits, so a resumed run steers like the uninterrupted one (the trend
     re-warms within about ten steps).
+
+    With `--steer shift` there is no penalty at all: after each step the entry gate logits all
+    move down by the one amount that puts the expected density on the controller's schedule
+    (`DiffModel.lower_gates_to`). Under Adam, a lambda large enough to move the density closes
+    every gate the task does not defend at the full gate learning rate, within a few tens of
+    steps (the collapses in benchmarks/README.md), so the gates choose before w has learned the
+    task; the shift cannot outrun the schedule, and the task alone decides which gates stay
+    above the common level. It is stateless: the logits carry it through a resume.
     """
 
     def __init__(self, model: DiffModel, options: DiffOptions, target: float) -> None:
@@ -30,10 +39,15 @@ class PenaltySteering:
         self.trend: LogitTrend | None = None
         self.heading_density: float | None = None  # the lookahead's last prediction, for the log
         self.last_l0: float | None = None  # the product-form expected L0 of the last step
+        self.last_shift: float | None = None  # how far the last step lowered the gate logits (--steer shift)
 
     @property
     def steered(self) -> bool:
         return self.options.l0_lambda is None
+
+    @property
+    def shifted(self) -> bool:
+        return self.options.steer == "shift"
 
     def start(self) -> None:
         self.model.l0_lambda.fill_(0.0 if self.steered else self.options.l0_lambda)
@@ -42,6 +56,8 @@ class PenaltySteering:
     def penalty(self) -> dict[str, torch.Tensor]:
         """The loss term lambda * E[L0]; remembers E[L0] when it is the density the controller reads."""
         o, model = self.options, self.model
+        if self.shifted:
+            return {}
         l0 = model.expected_l0(o.group_penalty)
         self.last_l0 = l0.item() if o.group_penalty == "product" or not model.structured else None
         return {"l0_penalty": float(model.l0_lambda) * l0}
@@ -63,6 +79,9 @@ class PenaltySteering:
                                                 reachable=self._reachable if o.schedule == "reachable" else None)
         if not self.controller.penalised(step):
             return
+        if self.shifted:
+            self.last_shift = self.model.lower_gates_to(self.controller.scheduled(step))
+            return
         lam = float(self.model.l0_lambda) or PAPER_LAMBDA  # the paper's value is the first one used
         self.model.l0_lambda.fill_(self.controller.update(lam, self._density(), step + o.controller_lookahead))
 
@@ -72,6 +91,8 @@ class PenaltySteering:
                   "gates_above_init": model.fraction_of_gates_above(self.options.alpha_init)}
         if self.heading_density is not None:
             logged["heading_density"] = self.heading_density
+        if self.last_shift is not None:
+            logged["logit_shift"] = self.last_shift
         return logged
 
     def _density(self) -> float:
