@@ -56,7 +56,7 @@ class DiffOptions(PatchOptions):
         "expected density on the schedule)."
     )
     l0_warmup: float = option(
-        0.25, "Fraction of the L0 phase with the gates held open (no penalty) while w learns; controller only."
+        0.25, "Fraction of the L0 phase with the gates held open while w learns (not with --l0-lambda)."
     )
     l0_reach: float = option(0.75, "Fraction of the L0 phase by which the controller reaches --target-density.")
     controller_gain: float = option(0.1, "Controller: change of log(lambda) per step at a log-density error of 1.")
