@@ -178,7 +178,7 @@ class DiffModel(nn.Module):
             """log E[density] after lowering the logits by c, and its derivative in c."""
             value = slope = 0.0
             for i, alpha in enumerate(self.log_alpha):
-                p = (alpha - (c + self.gate_shape.shift)).sigmoid_().reshape(-1)  # P(z != 0), in one buffer
+                p = gates.prob_nonzero(alpha - c, self.gate_shape).reshape(-1)
                 weight = float(group[i]) if group is not None else 1.0
                 mass = float(p.sum(dtype=torch.float64))
                 value += weight * mass
