@@ -173,6 +173,28 @@ def test_resume_refuses_a_changed_setting(reference, tiny_model, glue_dir):
     assert (out / "settings.json").read_text() == before
 
 
+def test_resume_takes_an_option_added_since_the_run_at_its_default(tiny_model, glue_dir, tmp_path):
+    """A run checkpointed before an option existed resumes under a diffprune that has it, as
+    long as the option keeps its default (which, for every new option, is the old behaviour)."""
+    out = tmp_path / "run"
+    train(settings(tiny_model, glue_dir, out, method="diff-struct", epochs=1, checkpoint_every=1),
+          {"budget": 0.01, "fixed_epochs": 0})
+    saved = json.loads((out / "settings.json").read_text())
+    del saved["method_options"]["steer"]  # as written before --steer existed
+    (out / "settings.json").write_text(json.dumps(saved))
+    before = (out / "settings.json").read_text()
+
+    with pytest.raises(DiffpruneError, match="'method_options'"):
+        train(settings(tiny_model, glue_dir, out, method="diff-struct", epochs=1, checkpoint_every=1, resume=True),
+              {"budget": 0.01, "fixed_epochs": 0, "steer": "shift"})
+    assert (out / "settings.json").read_text() == before
+
+    record = train(settings(tiny_model, glue_dir, out, method="diff-struct", epochs=1, checkpoint_every=1,
+                            resume=True), {"budget": 0.01, "fixed_epochs": 0})
+    assert record["method_options"]["steer"] == "lambda"
+    assert json.loads((out / "settings.json").read_text())["method_options"]["steer"] == "lambda"
+
+
 # ---- divergence -----------------------------------------------------------------------------
 
 

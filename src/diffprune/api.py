@@ -32,7 +32,7 @@ from diffprune.glue import (
 )
 from diffprune.io import write_json
 from diffprune.methods import build_method
-from diffprune.methods.registry import Method, artifact_names
+from diffprune.methods.registry import artifact_names
 from diffprune.training.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -83,7 +83,9 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     output = Path(settings.output)
     spec = get_task(settings.task)
     method = build_method(settings.method, method_options)
-    computation = {**settings.computation(), "method_options": _jsonable_options(method)}
+    computation = {**settings.computation(), "method_options": _jsonable_options(method.config)}
+    # A run made before one of today's options existed used that option's default (check_resumable).
+    defaults = {"method_options": _jsonable_options(type(method.config)())}
     started = time.perf_counter()
     set_seed(settings.seed)  # before the model loads: the fresh head's init depends on it
     base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
@@ -91,7 +93,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     model = method.prepare(base)
     phases = method.phases(model, base, settings)
     # Claimed only now, so that a bad model, data path or method setting leaves the folder as it was.
-    _prepare_run_folder(output, settings, computation)
+    _prepare_run_folder(output, settings, computation, defaults)
     # A later phase may train fewer parameters than DDP saw at wrap time.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(phases) > 1)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=_cpu_only(), kwargs_handlers=[ddp])
@@ -129,7 +131,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         "fingerprint": base.fingerprint,
         "task": spec.name,
         "method": method.name,
-        "method_options": _jsonable_options(method),
+        "method_options": _jsonable_options(method.config),
         "settings": settings.to_dict(),
         "metric": spec.main_metric,
         "score": final["score"],
@@ -172,7 +174,8 @@ def _prepare_for_every_phase(accelerator: Accelerator, model: nn.Module, phases:
             p.requires_grad_(False)
 
 
-def _prepare_run_folder(output: Path, settings: TrainSettings, computation: dict[str, Any]) -> None:
+def _prepare_run_folder(output: Path, settings: TrainSettings, computation: dict[str, Any],
+                        defaults: dict[str, Any]) -> None:
     """Check, clear and claim the output folder on the main process only, then share the verdict.
 
     Launched distributed, every process runs `train`; were each to check the folder, the later
@@ -184,7 +187,7 @@ def _prepare_run_folder(output: Path, settings: TrainSettings, computation: dict
         try:
             prepare_output(output, overwrite=settings.overwrite, resume=settings.resume, artifacts=artifact_names())
             if settings.resume and (output / "settings.json").exists():
-                check_resumable(output, computation)
+                check_resumable(output, computation, defaults)
             save_settings(output, computation)
         except DiffpruneError as e:
             verdict[0] = str(e)
@@ -274,8 +277,8 @@ def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = 
     return paths
 
 
-def _jsonable_options(method: Method) -> dict[str, Any]:
-    return json.loads(json.dumps(vars(method.config), default=str))
+def _jsonable_options(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(vars(config), default=str))
 
 
 def peak_rss_mb() -> float:
