@@ -1,10 +1,13 @@
 """Training cost of a method against full finetuning, measured in the same run.
 
 Step time: the loop's own `train_step` (forward, loss terms, backward, clipping, AdamW update)
-on one fixed batch of real MRPC sentence pairs padded to 32 x 128 tokens, alternating the two
-methods step by step so that load on the machine hits both alike; the median of --steps each.
-Peak memory: each method in its own fresh process (peak RSS after --mem-steps steps), since a
-process's peak cannot be reset. Appends {"kind": "cost", ...} records to results/cost.jsonl.
+on one fixed batch of real MRPC sentence pairs padded to 32 x 128 tokens, alternating the
+methods step by step so that load on the machine hits all alike; the median of --steps each.
+Every phase of a method is measured (diff pruning: the L0 phase and the fixed-mask phase, which
+take as many epochs each), the fixed-mask phase on a mask spread over every tensor, as a
+learned one is. Peak memory: each method and phase in its own fresh process (peak RSS after
+--mem-steps steps), since a process's peak cannot be reset. Appends {"kind": "cost", "phase":
+..., ...} records to results/cost.jsonl.
 
     python benchmarks/cost.py --methods diff-struct diff --steps 10
 """
@@ -17,7 +20,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,8 +30,21 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def build(method_name: str, options: dict | None = None):
-    """A base model wrapped by the method, with its first phase's optimiser, as the loop makes them."""
+@dataclass
+class Setup:
+    """One method in one of its phases, with that phase's optimiser, as the loop makes them."""
+
+    base: Any
+    model: torch.nn.Module
+    phase: Any
+    groups: list
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    phase_names: list[str]  # every phase of the method, in order
+
+
+def build(method_name: str, phase_index: int = 0) -> Setup:
     from accelerate import Accelerator
 
     from diffprune.base import load_base
@@ -36,17 +54,40 @@ def build(method_name: str, options: dict | None = None):
 
     torch.manual_seed(0)
     base = load_base(None, 2)
-    method = build_method(method_name, options)
+    method = build_method(method_name)
     model = method.prepare(base)
-    settings = TrainSettings(method=method_name, task="MRPC")
-    phase = method.phases(model, base, settings)[0]
+    phases = method.phases(model, base, TrainSettings(method=method_name, task="MRPC"))
+    phase = phases[phase_index]
+    if phase_index > 0:
+        # A learned diff's mask touches nearly every tensor, and the fixed-mask phase's cost
+        # depends on which tensors change: a random diff projects to such a spread mask.
+        with torch.no_grad():
+            for w in model.w:
+                w.normal_(0.0, 1e-3)
     if phase.on_start:
         phase.on_start()
     groups = phase.param_groups()
     optimizer = build_optimizer(groups)
     scheduler = build_scheduler(optimizer, groups, 1000, 0.0)
     model.train()
-    return base, model, phase, groups, optimizer, scheduler, Accelerator(cpu=True)
+    return Setup(base, model, phase, groups, optimizer, scheduler, Accelerator(cpu=True), [p.name for p in phases])
+
+
+def every_phase(methods: list[str]) -> dict[tuple[str, int], Setup]:
+    """(method, phase index) -> its setup, for every phase of every method."""
+    setups = {}
+    for m in methods:
+        first = setups[(m, 0)] = build(m, 0)
+        for i in range(1, len(first.phase_names)):
+            setups[(m, i)] = build(m, i)
+    return setups
+
+
+def train_one_step(s: Setup, batch: dict) -> None:
+    from diffprune.training.loop import train_step
+
+    train_step(s.accelerator, s.model, s.phase, s.groups, s.optimizer, s.scheduler, batch, weight=1.0,
+               max_grad_norm=1.0)
 
 
 def fixed_batch(tokenizer, size: int = 32, length: int = 128) -> dict[str, torch.Tensor]:
@@ -59,27 +100,26 @@ def fixed_batch(tokenizer, size: int = 32, length: int = 128) -> dict[str, torch
     return dict(batch)
 
 
-def step_times(methods: list[str], steps: int, warmup: int = 2) -> dict[str, list[float]]:
-    from diffprune.training.loop import train_step
-
-    runs = {m: build(m) for m in methods}
-    batch = fixed_batch(runs[methods[0]][0].tokenizer)
-    times: dict[str, list[float]] = {m: [] for m in methods}
+def step_times(setups: dict[tuple[str, int], Setup], steps: int, warmup: int = 2) -> dict[tuple[str, int], list[float]]:
+    """Seconds per training step of each (method, phase index), measured in turns."""
+    batch = fixed_batch(next(iter(setups.values())).base.tokenizer)
+    times: dict[tuple[str, int], list[float]] = {t: [] for t in setups}
     for i in range(warmup + steps):
-        for m, (base, model, phase, groups, opt, sched, acc) in runs.items():
+        for target, setup in setups.items():
             start = time.perf_counter()
-            train_step(acc, model, phase, groups, opt, sched, batch, weight=1.0, max_grad_norm=1.0)
-            if phase.after_step:
-                phase.after_step(i + 1, 1000)
+            train_one_step(setup, batch)
+            if setup.phase.after_step:
+                setup.phase.after_step(i + 1, 1000)
             if i >= warmup:
-                times[m].append(time.perf_counter() - start)
+                times[target].append(time.perf_counter() - start)
     return times
 
 
-def peak_rss_of(method: str, steps: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the base, wraps it and trains `steps` steps."""
-    out = subprocess.run([sys.executable, __file__, "--memory-of", method, "--mem-steps", str(steps)],
-                         check=True, capture_output=True, text=True)
+def peak_rss_of(method: str, phase_index: int, steps: int) -> float:
+    """Peak RSS (MB) of a fresh process that loads the base, wraps it and trains `steps` steps
+    of one phase."""
+    out = subprocess.run([sys.executable, __file__, "--memory-of", method, "--phase-index", str(phase_index),
+                          "--mem-steps", str(steps)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
@@ -89,29 +129,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--mem-steps", type=int, default=3)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--phase-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:  # child process: measure one method's peak memory
         from diffprune.api import peak_rss_mb
-        from diffprune.training.loop import train_step
 
-        base, model, phase, groups, opt, sched, acc = build(args.memory_of)
-        batch = fixed_batch(base.tokenizer)
+        setup = build(args.memory_of, args.phase_index)
+        batch = fixed_batch(setup.base.tokenizer)
         for _ in range(args.mem_steps):
-            train_step(acc, model, phase, groups, opt, sched, batch, weight=1.0, max_grad_norm=1.0)
+            train_one_step(setup, batch)
         print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
         return
 
-    times = step_times(["full", *args.methods], args.steps)
-    full_time = statistics.median(times["full"])
-    full_mem = peak_rss_of("full", args.mem_steps)
+    setups = every_phase(["full", *args.methods])
+    times = step_times(setups, args.steps)
+    full_time = statistics.median(times[("full", 0)])
+    full_mem = peak_rss_of("full", 0, args.mem_steps)
     records = []
-    for m in args.methods:
-        mem = peak_rss_of(m, args.mem_steps)
+    for (m, i), setup in list(setups.items())[1:]:
+        mem = peak_rss_of(m, i, args.mem_steps)
+        step = statistics.median(times[(m, i)])
         records.append({
-            "kind": "cost", "method": m, "baseline": "full", "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "batch": "32 x 128 tokens (MRPC train pairs)", "steps": args.steps,
-            "step_seconds": round(statistics.median(times[m]), 4), "baseline_step_seconds": round(full_time, 4),
-            "step_time_ratio": round(statistics.median(times[m]) / full_time, 3),
+            "kind": "cost", "method": m, "phase": setup.phase_names[i], "baseline": "full",
+            "model": "sentence-transformers/all-MiniLM-L6-v2", "batch": "32 x 128 tokens (MRPC train pairs)",
+            "steps": args.steps, "step_seconds": round(step, 4), "baseline_step_seconds": round(full_time, 4),
+            "step_time_ratio": round(step / full_time, 3),
             "peak_rss_mb": mem, "baseline_peak_rss_mb": full_mem, "peak_memory_ratio": round(mem / full_mem, 3),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
         })

@@ -122,17 +122,17 @@ def runs_metric(runs: list[dict], task: str) -> str:
 def render_cost(records: list[dict]) -> str:
     if not records:
         return "No cost measurement yet (`python benchmarks/cost.py`).\n"
-    by_method: dict[str, list[dict]] = defaultdict(list)
+    by_phase: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
-        by_method[r["method"]].append(r)
-    lines = ["| method | runs | step time ratio (median; each run) | peak memory ratio (median; each run) | "
+        by_phase[(r["method"], r["phase"])].append(r)
+    lines = ["| method | phase | runs | step time ratio (median; each run) | peak memory ratio (median; each run) | "
              "step s / full step s (median run) | peak RSS MB / full | batch | device |",
-             "|---|---|---|---|---|---|---|---|"]
-    for method, rs in by_method.items():
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (method, phase), rs in by_phase.items():
         times = [r["step_time_ratio"] for r in rs]
         mems = [r["peak_memory_ratio"] for r in rs]
         mid = sorted(rs, key=lambda r: r["step_time_ratio"])[len(rs) // 2]
-        lines.append(f"| {method} | {len(rs)} | **{statistics.median(times):.2f}x** ({', '.join(f'{t:.2f}' for t in times)}) | "
+        lines.append(f"| {method} | {phase} | {len(rs)} | **{statistics.median(times):.2f}x** ({', '.join(f'{t:.2f}' for t in times)}) | "
                      f"**{statistics.median(mems):.2f}x** ({', '.join(f'{m:.2f}' for m in mems)}) | "
                      f"{mid['step_seconds']:.2f} / {mid['baseline_step_seconds']:.2f} | "
                      f"{mid['peak_rss_mb']:.0f} / {mid['baseline_peak_rss_mb']:.0f} | {mid['batch']} | {mid['device']} |")
