@@ -84,7 +84,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     spec = get_task(settings.task)
     method = build_method(settings.method, method_options)
     computation = {**settings.computation(), "method_options": _jsonable_options(method.config)}
-    # A run made before one of today's options existed used that option's default (check_resumable).
+    # A run made before an option of this version existed used its default (check_resumable).
     defaults = {"method_options": _jsonable_options(type(method.config)())}
     started = time.perf_counter()
     set_seed(settings.seed)  # before the model loads: the fresh head's init depends on it

@@ -146,10 +146,10 @@ def save_settings(output: Path, settings: dict[str, Any]) -> None:
 def check_resumable(output: Path, computation: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """A resumed run must compute the same thing as the run it continues.
 
-    `defaults` holds the default of every setting (a dict setting, such as the method's options,
-    holds a default per key). A setting the saved run does not name was added to diffprune
-    after that run was made; new settings default to the old behaviour, so the saved run counts
-    as having used the default, and resuming it with the default is allowed."""
+    `defaults` holds settings' default values (for a dict setting, such as the method's
+    options, one default per key). A setting the saved run does not name was added to
+    diffprune after that run was made; new settings default to the old behaviour, so the saved
+    run counts as having used the default, and resuming it with the default is allowed."""
     saved = json.loads((output / "settings.json").read_text())
     for k, default in (defaults or {}).items():
         if k not in saved:
