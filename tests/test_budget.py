@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from diffprune.errors import DiffpruneError
-from diffprune.methods.diff.budget import DensityController, LogitTrend, _apportion, budget_count, project, top_k
+from diffprune.methods.diff.budget import (
+    DensityController,
+    LogitTrend,
+    _apportion,
+    budget_count,
+    keep_largest,
+    project,
+    top_k,
+)
 
 
 def _reference_top_k(values: list[float], k: int) -> list[int]:
@@ -142,6 +150,21 @@ def test_project_per_tensor_exactly_k_for_many_sizes():
         positions = project(deltas, k, "per-tensor")
         assert positions.numel() == k and positions.unique().numel() == k
         assert positions.min() >= 0 and positions.max() < total
+
+
+# -- keep_largest (non-adaptive's gradual pruning) -----------------------------------------------
+def test_keep_largest_zeroes_all_but_the_largest_magnitudes_over_all_tensors():
+    a, b = torch.tensor([0.5, -3.0, 0.1]), torch.tensor([[2.0, -0.2], [0.0, 1.0]])
+    keep_largest([a, b], 3)
+    assert a.tolist() == [0.0, -3.0, 0.0] and b.tolist() == [[2.0, 0.0], [0.0, 1.0]]
+    keep_largest([a, b], 10)  # more than there are: nothing changes
+    assert a.tolist() == [0.0, -3.0, 0.0]
+
+
+def test_keep_largest_keeps_ties_at_the_threshold():
+    t = torch.tensor([1.0, -1.0, 1.0, 0.5])
+    keep_largest([t], 2)  # the projection, not this cut, settles ties to an exact count
+    assert t.tolist() == [1.0, -1.0, 1.0, 0.0]
 
 
 # -- DensityController ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
 from diffprune.glue import get_task, make_collator
 from diffprune.methods import METHODS, build_method
-from diffprune.methods.diff.budget import DensityController, _apportion, budget_count, top_k
+from diffprune.methods.diff.budget import DensityController, _apportion, budget_count, cubic_schedule, top_k
 from diffprune.methods.shira import linear_layers
 from diffprune.patch import TaskPatch
 from diffprune.patch.ops import base_for
@@ -211,6 +211,24 @@ def test_shift_steering_puts_the_density_on_the_schedule_without_a_penalty(run):
     assert record["nnz"] == record["k"]
     with pytest.raises(DiffpruneError, match="--steer shift uses no penalty"):
         build_method("diff", {"steer": "shift", "l0_lambda": PAPER_LAMBDA})
+
+
+def test_gradual_nonadaptive_prunes_the_diff_on_the_schedule(run):
+    # Six finetuning steps (two epochs of three); the density falls after step 1.5 (begin 0.25)
+    # to the budget by step 4.5 (reach 0.75) and stays there, then the fixed-mask phase trains it.
+    # Before the first cut it is below 1: only the embedding rows a batch has read have moved.
+    options = {"budget": 0.01, "prune": "gradual"}
+    out, record, _ = run("gradual", "nonadaptive", options, epochs=2)
+    densities = _log_values(out, "density")
+    k, total = record["k"], record["base_params"]
+    scheduled = [max(k, round(cubic_schedule(step, 6, 1.0, k / total, 0.25, 0.75) * total)) / total
+                 for step in range(1, 7)]
+    assert len(densities) == 6 and all(d <= s for d, s in zip(densities, scheduled))
+    assert densities[0] > 2 * k / total and densities[4:] == [k / total] * 2
+    assert record["nnz"] == k and record["learned_density"] == pytest.approx(k / total, abs=1 / total)
+    assert _log_phases(out) == {"finetune", "fixed-mask"}
+    with pytest.raises(DiffpruneError, match="--prune-begin < --prune-reach"):
+        build_method("nonadaptive", {"prune": "gradual", "prune_begin": 0.8, "prune_reach": 0.5})
 
 
 def test_fixed_lambda_turns_the_controller_off(run):

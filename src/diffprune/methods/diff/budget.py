@@ -62,6 +62,26 @@ def _apportion(sizes: list[int], k: int) -> list[int]:
     return quotas
 
 
+def cubic_schedule(step: int, total_steps: int, start: float, target: float, begin: float, reach: float) -> float:
+    """`start` until `begin` (a fraction of the steps), then a cubic fall (Zhu and Gupta 2017),
+    fast first and slow near the end, to `target` at `reach`, held from there."""
+    span = max(1.0, (reach - begin) * total_steps)
+    t = min(1.0, max(0.0, step - begin * total_steps) / span)
+    return target + (start - target) * (1 - t) ** 3
+
+
+def keep_largest(tensors: list[torch.Tensor], count: int) -> None:
+    """Zero, in place, every entry of `tensors` whose magnitude is below the `count`-th largest
+    over all of them (ties at that magnitude stay: the projection settles the exact count)."""
+    total = sum(t.numel() for t in tensors)
+    if count >= total:
+        return
+    magnitudes = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
+    threshold = torch.kthvalue(magnitudes, total - count + 1).values
+    for t in tensors:
+        t.detach().masked_fill_(t.detach().abs() < threshold, 0.0)
+
+
 @dataclass
 class DensityController:
     """Steers the L0 penalty weight so the expected density follows a schedule to `target`.
@@ -99,10 +119,8 @@ class DensityController:
         return step >= self.begin * self.total_steps
 
     def scheduled(self, step: int) -> float:
-        span = max(1.0, (self.reach - self.begin) * self.total_steps)
+        cubic = cubic_schedule(step, self.total_steps, self.start, self.target, self.begin, self.reach)
         penalised = max(0.0, step - self.begin * self.total_steps)
-        t = min(1.0, penalised / span)
-        cubic = self.target + (self.start - self.target) * (1 - t) ** 3
         return max(cubic, self.reachable(penalised)) if self.reachable else cubic
 
     def update(self, lam: float, density: float, step: int) -> float:

@@ -20,9 +20,9 @@ from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape, prob_nonzero
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
-from diffprune.methods.diff.budget import budget_count, project
+from diffprune.methods.diff.budget import budget_count, cubic_schedule, keep_largest, project
 from diffprune.methods.diff.model import DiffModel
-from diffprune.methods.diff.options import DiffOptions, PatchOptions
+from diffprune.methods.diff.options import DiffOptions, NonAdaptiveOptions, PatchOptions
 from diffprune.methods.diff.steering import DensitySteering
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
@@ -212,6 +212,7 @@ class StructuredDiffPruning(_AdaptiveDiff):
 class NonAdaptiveDiff(_DiffBase):
     name = "nonadaptive"
     summary = "non-adaptive diff pruning: finetune fully, keep the top-k changes, finetune them"
+    Config = NonAdaptiveOptions
     mode = "dense"
     default_lr = 5e-5
 
@@ -224,6 +225,22 @@ class NonAdaptiveDiff(_DiffBase):
             return [ParamGroup("w", decay, lr, s.weight_decay), ParamGroup("w_no_decay", no_decay, lr, 0.0)] \
                 + self._head_groups(model, base, head_lr, s.weight_decay)
 
-        dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
-                      warmup_ratio=s.warmup_ratio)
+        if self.config.prune == "one-shot":
+            dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
+                          warmup_ratio=s.warmup_ratio)
+        else:  # the phase's last state is the one at the budget, so no best epoch is restored
+            dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
+                          warmup_ratio=s.warmup_ratio, after_step=lambda step, total: self._prune(model, step, total),
+                          keep_best=False, metrics=lambda: {"density": self._density(model)})
         return [dense, self._fixed_phase(model, base, s)]
+
+    def _prune(self, model: DiffModel, step: int, total: int) -> None:
+        """--prune gradual: keep the diff's largest entries, as many as the cubic schedule allows
+        at this step. The rest are zeroed; Adam may grow one back, and it stays if it wins a place."""
+        c = self.config
+        density = cubic_schedule(step, total, 1.0, self.k / model.total, c.prune_begin, c.prune_reach)
+        keep_largest(list(model.w), max(self.k, round(density * model.total)))
+
+    @staticmethod
+    def _density(model: DiffModel) -> float:
+        return sum(int(w.count_nonzero()) for w in model.w) / model.total

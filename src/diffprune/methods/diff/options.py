@@ -41,6 +41,26 @@ class PatchOptions:
 
 
 @dataclass
+class NonAdaptiveOptions(PatchOptions):
+    """Non-adaptive diff pruning: how its dense diff is cut down to the budget."""
+
+    prune: str = option(
+        "one-shot", "How the finetuned diff is cut to the budget: one-shot (the paper's baseline: the top-k at the "
+        "end) or gradual (the diff's smallest entries zeroed after every step, its density falling on a cubic "
+        "schedule to the budget; Zhu and Gupta 2017)."
+    )
+    prune_begin: float = option(0.25, "--prune gradual: fraction of the finetuning phase before the first cut.")
+    prune_reach: float = option(0.75, "--prune gradual: fraction of the finetuning phase by which it is at the budget.")
+
+    CHOICES = {**PatchOptions.CHOICES, "prune": ("one-shot", "gradual")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.prune_begin < self.prune_reach <= 1:
+            raise DiffpruneError("need 0 <= --prune-begin < --prune-reach <= 1")
+
+
+@dataclass
 class DiffOptions(PatchOptions):
     """The learned (L0) methods' options on top: the gates, the penalty and its controller."""
 
