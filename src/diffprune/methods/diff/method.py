@@ -225,13 +225,12 @@ class NonAdaptiveDiff(_DiffBase):
             return [ParamGroup("w", decay, lr, s.weight_decay), ParamGroup("w_no_decay", no_decay, lr, 0.0)] \
                 + self._head_groups(model, base, head_lr, s.weight_decay)
 
-        if self.config.prune == "one-shot":
-            dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
-                          warmup_ratio=s.warmup_ratio)
-        else:  # the phase's last state is the one at the budget, so no best epoch is restored
-            dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
-                          warmup_ratio=s.warmup_ratio, after_step=lambda step, total: self._prune(model, step, total),
-                          keep_best=False, metrics=lambda: {"density": self._density(model)})
+        # Cut gradually, the phase's last state is the one at the budget: no best epoch is restored.
+        gradual = self.config.prune == "gradual"
+        dense = Phase(name="finetune", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
+                      warmup_ratio=s.warmup_ratio, keep_best=not gradual,
+                      after_step=(lambda step, total: self._prune(model, step, total)) if gradual else None,
+                      metrics=(lambda: {"density": self._density(model)}) if gradual else None)
         return [dense, self._fixed_phase(model, base, s)]
 
     def _prune(self, model: DiffModel, step: int, total: int) -> None:
