@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,18 @@ def execute(config: dict, data_dir: str | None, name: str | None = None) -> dict
         cmd.append("--resume")
     elif (out / "settings.json").exists():
         cmd.append("--overwrite")  # started but never checkpointed: start again
-    subprocess.run(cmd, check=True)
+    run_child(cmd)
     return json.loads((out / "run.json").read_text())
+
+
+def run_child(cmd: list[str]) -> None:
+    """Run one training process; stopping this script (Ctrl-C or a plain `kill`) stops it too.
+
+    By default SIGTERM ends Python at once, and the child would train on alone; as an exception
+    it reaches `subprocess.run`, which kills the child. The run resumes from its last checkpoint.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    subprocess.run(cmd, check=True)
 
 
 def to_record(name: str, config: dict, run: dict) -> dict:

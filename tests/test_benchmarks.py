@@ -2,7 +2,11 @@
 the records the way the issue states them."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,22 @@ def test_planned_runs_are_valid_settings(config):
 
     settings, options = split_settings(config)
     build_method(settings.method, options)
+
+
+def test_stopping_the_plan_stops_its_training_process(tmp_path):
+    """A `kill` of run_glue.py must not leave its training process running on its own."""
+    child_pid = tmp_path / "child.pid"
+    child = f"import os, time; open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    script = f"import run_glue, sys; run_glue.run_child([sys.executable, '-c', {child!r}])"
+    plan = subprocess.Popen([sys.executable, "-c", script], cwd=Path(run_glue.__file__).parent)
+    deadline = time.monotonic() + 30
+    while not (child_pid.exists() and child_pid.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    plan.send_signal(signal.SIGTERM)
+    assert plan.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped by subprocess.run
 
 
 def run(task, method, score, budget=None, lora_r=None, artifact_bytes=1000):
