@@ -78,8 +78,8 @@ def keep_largest(tensors: list[torch.Tensor], count: int) -> None:
         return
     magnitudes = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
     threshold = torch.kthvalue(magnitudes, total - count + 1).values
-    for t in tensors:
-        t.detach().masked_fill_(t.detach().abs() < threshold, 0.0)
+    for t, magnitude in zip(tensors, magnitudes.split([t.numel() for t in tensors])):
+        t.detach().masked_fill_(magnitude.view_as(t) < threshold, 0.0)
 
 
 @dataclass
@@ -120,8 +120,9 @@ class DensityController:
 
     def scheduled(self, step: int) -> float:
         cubic = cubic_schedule(step, self.total_steps, self.start, self.target, self.begin, self.reach)
-        penalised = max(0.0, step - self.begin * self.total_steps)
-        return max(cubic, self.reachable(penalised)) if self.reachable else cubic
+        if self.reachable is None:
+            return cubic
+        return max(cubic, self.reachable(max(0.0, step - self.begin * self.total_steps)))
 
     def update(self, lam: float, density: float, step: int) -> float:
         goal = self.scheduled(step)
