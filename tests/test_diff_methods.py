@@ -331,11 +331,11 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
 
 
 # -- the projection and the fixed-phase start, on a prepared model (no training) -------------
-def _prepared(tiny_model, options, seed=1234):
+def _prepared(tiny_model, options, seed=1234, method_name="diff"):
     # (Not seed 0: the gate noise below comes from the global generator seeded 0, and the same
     # seed would make w and the noise the same stream, i.e. correlated.)
     base = load_base(tiny_model)
-    method = build_method("diff", options)
+    method = build_method(method_name, options)
     model = method.prepare(base)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -375,6 +375,29 @@ def test_sampled_projection(tiny_model):
     # One draw: P(z != 0) is 2/3 for half the entries and sigmoid(-5) for the other half.
     assert float(model.learned_density) == pytest.approx(0.5 * 2 / 3 + 0.5 * torch.sigmoid(torch.tensor(-5.0)).item(),
                                                          abs=0.005)
+
+
+def test_projection_fills_a_shortfall_by_the_expected_change_group_gate_included(tiny_model):
+    """Every entry gate shut (deterministic gate 0), so no entry of z * w is nonzero and the whole
+    budget is the fill |w| * P(z != 0) * P(z_group != 0): a tensor whose group gate is shut
+    gets nothing, however large its w."""
+    method, model, w, alpha = _prepared(tiny_model, {"budget": 300, "projection": "deterministic"},
+                                        method_name="diff-struct")
+    shut = max(range(len(model.names)), key=model.numels.__getitem__)
+    with torch.no_grad():
+        for a in model.log_alpha:
+            a.fill_(-1.0)  # sigmoid(-1) * 3 - 1.5 < 0: deterministic gate 0, P(z != 0) = sigmoid(-1 + log 3) > 0
+        model.w[shut].mul_(1000.0)
+        model.group_log_alpha.fill_(5.0)
+        model.group_log_alpha[shut] = -20.0
+    method._project(model)
+    assert float(model.learned_density) == 0.0
+    sizes = [0] + model.numels
+    start, end = sum(sizes[: shut + 1]), sum(sizes[: shut + 2])
+    assert not ((model.positions >= start) & (model.positions < end)).any()
+    w = torch.cat([p.detach().reshape(-1) for p in model.w])
+    outside = torch.cat([w[:start], w[end:]]).abs()
+    assert w[model.positions].abs().min() >= outside.topk(300).values.min()  # the largest |w| elsewhere
 
 
 # -- the contract of every method: save -> load -> apply equals the trained model -------------

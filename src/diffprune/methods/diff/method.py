@@ -43,9 +43,13 @@ def diffed_names(base: BaseModel, include: str, exclude: str) -> list[str]:
 def projection_scores(model: DiffModel, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
     """|delta| ranks first (the paper). Should fewer than k entries be nonzero (gates closed
     beyond the budget), the rest of the budget goes to the largest expected changes
-    |w| * P(z != 0) instead of to arbitrary zero entries."""
-    fallback = [w.detach().abs() * (prob_nonzero(a.detach(), model.gate_shape) if model.mode == "l0" else 1)
-                for w, a in zip(model.w, model.log_alpha)]
+    |w| * P(z != 0) [* P(z_group != 0)] instead of to arbitrary zero entries."""
+    fallback = [w.detach().abs() for w in model.w]
+    if model.mode == "l0":
+        with torch.no_grad():
+            group = prob_nonzero(model.group_log_alpha, model.gate_shape) if model.structured else None
+            fallback = [f * prob_nonzero(a, model.gate_shape) * (group[i] if group is not None else 1)
+                        for i, (f, a) in enumerate(zip(fallback, model.log_alpha))]
     offset = max(float(f.max()) for f in fallback) + 1.0
     # float64: adding the offset in float32 would round small |delta| into ties.
     return [torch.where(d != 0, d.double().abs() + offset, f.double()) for d, f in zip(deltas, fallback)]
