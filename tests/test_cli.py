@@ -157,6 +157,15 @@ def test_bad_config_file(work):
     assert not (work / "bc").exists()  # nothing was claimed
 
 
+def test_bad_numbers_in_flags_are_one_line_errors(work):
+    for flags, expected in [(["--budget", "nan"], "'budget' must be a finite number"),
+                            (["--lr", "inf"], "'lr' must be a finite number"),
+                            (["--gate-l", "0.5"], "--gate-l")]:
+        line = invoked_error(invoke("train", "--method", "diff", *flags, "--output", str(work / "bn")))
+        assert expected in line, line
+    assert not (work / "bn").exists()
+
+
 # ---- a real run and what one does with it ---------------------------------------------------
 
 

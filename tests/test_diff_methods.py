@@ -318,6 +318,12 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"controller_lookahead": -1})
     with pytest.raises(DiffpruneError, match="--fixed-lr"):
         build_method("diff", {"fixed_lr": -1e-3})
+    with pytest.raises(DiffpruneError, match="--gate-l.*l < 0 < 1 < r"):
+        build_method("diff", {"gate_l": 0.5})
+    for name in ("budget", "alpha_init", "l0_lambda", "controller_gain", "fixed_lr"):
+        for value in (math.nan, math.inf):  # NaN passes every `x <= 0` check, so it is refused by kind
+            with pytest.raises(DiffpruneError, match=f"'{name}' must be a finite number"):
+                build_method("diff", {name: value})
     with pytest.raises(DiffpruneError, match="--l0-lambda cannot be negative"):
         build_method("diff-struct", {"l0_lambda": -1e-7})
     # non-adaptive diff pruning learns no gates: their options are refused, not silently ignored

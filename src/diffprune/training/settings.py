@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -35,6 +36,8 @@ def check_types(cls: type, values: dict[str, Any]) -> None:
             continue
         if not any(_is_kind(value, k) for k in kinds):
             raise DiffpruneError(f"setting '{f.name}' must be {' or '.join(kinds)}, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every `x <= 0` check
+            raise DiffpruneError(f"setting '{f.name}' must be a finite number, not {value!r}")
 
 
 @dataclass

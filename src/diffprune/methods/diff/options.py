@@ -125,4 +125,7 @@ class DiffOptions(PatchOptions):
             raise DiffpruneError("--alpha-lr must be positive")
         if self.alpha_max is not None and self.alpha_max < self.alpha_init:
             raise DiffpruneError("--alpha-max must be at least --alpha-init")
-        GateShape(self.gate_l, self.gate_r, self.gate_temperature)
+        try:
+            GateShape(self.gate_l, self.gate_r, self.gate_temperature)
+        except ValueError as e:
+            raise DiffpruneError(f"--gate-l, --gate-r, --gate-temperature: {e}") from e
