@@ -94,6 +94,14 @@ def test_load_missing_folder_is_a_one_line_error(tmp_path):
     _assert_one_line_error(excinfo, str(missing), "does not exist")
 
 
+def test_a_local_folder_is_named_by_its_absolute_path(tiny_model, monkeypatch):
+    """Patches and run records carry the base's name; a relative one would not be found again
+    from another working directory."""
+    folder = Path(tiny_model)
+    monkeypatch.chdir(folder.parent)
+    assert load_base(folder.name).name == str(folder.resolve())
+
+
 def test_load_non_text_model_is_a_one_line_error(tmp_path):
     from transformers import AutoModelForSequenceClassification, ViTConfig
 

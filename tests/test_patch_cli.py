@@ -160,6 +160,17 @@ def test_apply_onto_another_base_fails_naming_both_fingerprints(trained, command
     assert not paths["applied"].exists()
 
 
+def test_a_patch_whose_base_folder_moved_names_it_and_takes_another(trained, tmp_path, tiny_model):
+    from diffprune.errors import DiffpruneError
+
+    patch = TaskPatch.load(trained[0] / "patch.safetensors")
+    assert patch.meta["base"] == str(Path(tiny_model).resolve())
+    moved = TaskPatch(patch.diffs, patch.head, {**patch.meta, "base": str(tmp_path / "gone")})
+    with pytest.raises(DiffpruneError, match=r"gone', which is not here; pass --base"):
+        base_for(moved)
+    assert base_for(moved, tiny_model).fingerprint == patch.meta["fingerprint"]
+
+
 def test_truncated_patch_is_a_one_line_error(commands):
     results, paths = commands
     line = _one_line_error(results["truncated"])

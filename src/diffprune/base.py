@@ -112,7 +112,10 @@ def load_base(
     base = BaseModel(
         model=model,
         tokenizer=tokenizer,
-        name=DEFAULT_MODEL_NAME if not name_or_path else str(name_or_path),
+        # A local folder is named by its absolute path: a patch or run record must find it again
+        # from any working directory.
+        name=DEFAULT_MODEL_NAME if not name_or_path else str(Path(source).resolve()) if Path(source).is_dir()
+        else str(name_or_path),
         fingerprint="",
         head_names=head,
         labels=labels,

@@ -54,11 +54,13 @@ def apply_command(file: str, model: str | None, output: str) -> None:
 @patch_group.command("export")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the model.")
-def export_command(file: str, output: str) -> None:
+@click.option("--base", "model", default=None, help="Base model id or folder, should the one the patch names have "
+              "moved (default: that one).")
+def export_command(file: str, output: str, model: str | None) -> None:
     """Write base + patch as a plain transformers model folder (the base the patch names)."""
     from diffprune.patch.ops import export
 
-    click.echo(f"wrote {_run(export, file, output)}")
+    click.echo(f"wrote {_run(export, file, output, model)}")
 
 
 @patch_group.command("plot")

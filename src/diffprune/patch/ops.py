@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffprune.base import DEFAULT_MODEL_NAME, BaseModel, load_base
+from diffprune.errors import DiffpruneError
 from diffprune.patch.taskpatch import TaskPatch, export_model
 
 
@@ -12,6 +13,9 @@ def base_for(patch: TaskPatch, model: str | None = None) -> BaseModel:
     """The base a patch names (the packaged MiniLM for the default), or `model` if given.
     Either way, applying checks the fingerprint, so a wrong base is refused."""
     name = model or patch.meta.get("base")
+    if model is None and name and Path(name).is_absolute() and not Path(name).is_dir():
+        raise DiffpruneError(f"the patch was made on the base model in '{name}', which is not here; "
+                             "pass --base MODEL (its fingerprint is checked)")
     labels = patch.meta.get("labels")
     return load_base(
         None if name == DEFAULT_MODEL_NAME else name,
