@@ -210,7 +210,9 @@ def test_reachable_schedule_never_asks_for_less_than_the_gates_can_reach():
 def test_logit_trend_extrapolates_each_gates_velocity():
     logits = [torch.full((3,), 5.0), torch.tensor([0.0, 1.0])]
     velocity = [torch.tensor([-0.1, 0.0, 0.2]), torch.tensor([0.05, -0.3])]
-    trend = LogitTrend(logits, beta=0.9)
+    averages = [torch.empty_like(a) for a in logits]
+    trend = LogitTrend(logits, averages, beta=0.9)
+    trend.restart()
     assert all(torch.equal(a, b) for a, b in zip(trend.ahead(50), logits))  # no motion seen yet
     for _ in range(200):  # long enough for the average's lag to settle at beta / (1 - beta) steps
         for logit, v in zip(logits, velocity):
@@ -219,3 +221,4 @@ def test_logit_trend_extrapolates_each_gates_velocity():
     for predicted, logit, v in zip(trend.ahead(30), logits, velocity):
         torch.testing.assert_close(predicted, logit + 30 * v)
     assert all(torch.equal(a, b) for a, b in zip(trend.ahead(0), logits))
+    assert trend.average is averages  # kept in the caller's tensors, which a checkpoint can carry

@@ -50,12 +50,12 @@ def _added(dm: DiffModel) -> dict[str, torch.Tensor]:
     return {n: t for n, t in tensors.items() if not n.startswith("model.")}
 
 
-@pytest.mark.parametrize("structured", [False, True])
-def test_base_is_shared_not_copied(base, structured):
+@pytest.mark.parametrize("structured, velocity", [(False, False), (True, False), (True, True)])
+def test_base_is_shared_not_copied(base, structured, velocity):
     params = dict(base.model.named_parameters())
     ptrs = {n: p.data_ptr() for n, p in params.items()}
     k = 123
-    dm = _wrap(base, k=k, structured=structured)
+    dm = _wrap(base, k=k, structured=structured, track_gate_velocity=velocity)
     assert dm.model is base.model
     after = dict(base.model.named_parameters())
     assert all(after[n] is params[n] and after[n].data_ptr() == ptrs[n] for n in params)
@@ -66,7 +66,7 @@ def test_base_is_shared_not_copied(base, structured):
     added = _added(dm)
     names = list(base.base_names)
     expected = {f"w.{i}" for i in range(len(names))} | {f"log_alpha.{i}" for i in range(len(names))}
-    expected |= {"values", "positions", "offsets", "mode_index", "l0_lambda", "learned_density"}
+    expected |= {"values", "positions", "offsets", "mode_index", "l0_lambda", "learned_density", "logit_average"}
     if structured:
         expected.add("group_log_alpha")
     assert set(added) == expected
@@ -74,11 +74,13 @@ def test_base_is_shared_not_copied(base, structured):
         assert added[f"w.{i}"].shape == params[n].shape == added[f"log_alpha.{i}"].shape
         assert added[f"w.{i}"].data_ptr() != ptrs[n]
     # Bytes: w and the gate logits (fp32, one each per base entry), the group gates, k values (fp32)
-    # and k positions (int64), the offsets, and three scalars (mode, lambda, learned density).
+    # and k positions (int64), the offsets, and three scalars (mode, lambda, learned density);
+    # for --controller-lookahead, one more fp32 per gate logit (their moving average).
     total = base.num_base_params
     assert dm.total == total
-    expected_bytes = (2 * 4 * total + (4 * len(names) if structured else 0) + 4 * k + 8 * k
-                      + 8 * (len(names) + 1) + 8 + 8 + 8)
+    gate_logits = total + (len(names) if structured else 0)
+    expected_bytes = (4 * total + 4 * gate_logits + 4 * k + 8 * k + 8 * (len(names) + 1) + 8 + 8 + 8
+                      + (4 * gate_logits if velocity else 0))
     assert sum(t.numel() * t.element_size() for t in added.values()) == expected_bytes
 
 

@@ -195,6 +195,43 @@ def test_resume_takes_an_option_added_since_the_run_at_its_default(tiny_model, g
     assert json.loads((out / "settings.json").read_text())["method_options"]["steer"] == "lambda"
 
 
+def test_an_interrupted_lookahead_controller_resumes_to_the_uninterrupted_run(tiny_model, glue_dir, tmp_path,
+                                                                               monkeypatch):
+    """--controller-lookahead steers on the gate logits' moving average: the checkpoint must
+    carry it, or the resumed run restarts at zero velocity and steers elsewhere."""
+    from diffprune.methods.diff.steering import DensitySteering
+
+    options = {"budget": 0.01, "fixed_epochs": 0, "controller_lookahead": 5, "target_density": 0.5}
+    run = dict(method="diff", epochs=2, batch_size=4, max_train_samples=24, checkpoint_every=2)
+    whole = train(settings(tiny_model, glue_dir, tmp_path / "whole", **run), dict(options))
+
+    after_step = DensitySteering.after_step
+
+    def interrupted(self, step: int, total: int) -> None:
+        if step == 9:  # past the checkpoint at step 8, with lambda already moving
+            raise KeyboardInterrupt
+        after_step(self, step, total)
+
+    monkeypatch.setattr(DensitySteering, "after_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_model, glue_dir, tmp_path / "killed", **run), dict(options))
+    monkeypatch.setattr(DensitySteering, "after_step", after_step)
+    resumed = train(settings(tiny_model, glue_dir, tmp_path / "killed", resume=True, **run), dict(options))
+
+    def steering_log(folder: Path) -> list[tuple[str, str, str]]:
+        with open(folder / "log.csv", newline="") as f:
+            return [(r["step"], r["name"], r["value"]) for r in csv.DictReader(f)
+                    if r["name"] in ("l0_lambda", "heading_density")]
+
+    logged = steering_log(tmp_path / "whole")
+    assert {name for _, name, _ in logged} == {"l0_lambda", "heading_density"}
+    assert len({value for _, name, value in logged if name == "l0_lambda"}) > 2  # lambda did move
+    assert steering_log(tmp_path / "killed") == logged
+    assert resumed["evals"] == whole["evals"]
+    a, b = load_file(tmp_path / "whole" / "patch.safetensors"), load_file(tmp_path / "killed" / "patch.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- divergence -----------------------------------------------------------------------------
 
 

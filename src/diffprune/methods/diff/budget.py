@@ -140,13 +140,21 @@ class LogitTrend:
     before its P(z != 0) moves much. A controller that waits for the density keeps raising
     lambda all that while, and when the gates arrive they close together (the collapses in
     benchmarks/README.md). Their velocity shows at once. It is kept as an exponential moving
-    average e of the logits (one copy of them): for a logit moving at a constant v per step,
-    a - e = v * beta / (1 - beta), so a + H * v = a + H * (1 - beta) / beta * (a - e).
+    average e of the logits, in `averages` (the caller's storage, one tensor per logit tensor,
+    updated in place: model buffers, so that a checkpoint carries them); for a logit moving at a
+    constant v per step, a - e = v * beta / (1 - beta), so a + H * v = a + H * (1 - beta) / beta * (a - e).
     """
 
-    def __init__(self, logits: list[torch.Tensor], beta: float = 0.9) -> None:
-        self.logits, self.beta = logits, beta
-        self.average = [a.detach().clone() for a in logits]
+    def __init__(self, logits: list[torch.Tensor], averages: list[torch.Tensor], beta: float = 0.9) -> None:
+        if [a.shape for a in logits] != [e.shape for e in averages]:
+            raise ValueError("each gate logit tensor needs an average of its shape")
+        self.logits, self.average, self.beta = logits, averages, beta
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Velocity zero: the average is the logits now."""
+        for average, logit in zip(self.average, self.logits):
+            average.copy_(logit)
 
     @torch.no_grad()
     def update(self) -> None:

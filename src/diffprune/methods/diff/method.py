@@ -174,7 +174,8 @@ class _AdaptiveDiff(_DiffBase):
 
     def _gates(self) -> dict[str, Any]:
         c = self.config
-        return {"gate_shape": GateShape(c.gate_l, c.gate_r, c.gate_temperature), "alpha_init": c.alpha_init}
+        return {"gate_shape": GateShape(c.gate_l, c.gate_r, c.gate_temperature), "alpha_init": c.alpha_init,
+                "track_gate_velocity": c.controller_lookahead > 0}
 
     def _deterministic_projection(self) -> bool:
         return self.config.projection == "deterministic"

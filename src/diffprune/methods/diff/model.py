@@ -40,6 +40,7 @@ class DiffModel(nn.Module):
         gate_shape: GateShape = GateShape(),
         alpha_init: float = 5.0,
         mode: str = "l0",
+        track_gate_velocity: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -67,6 +68,10 @@ class DiffModel(nn.Module):
         self.register_buffer("l0_lambda", torch.tensor(0.0, dtype=torch.float64))
         # Fraction of nonzero entries of z * w just before projection (-1: not projected yet).
         self.register_buffer("learned_density", torch.tensor(-1.0, dtype=torch.float64))
+        # The gate logits' moving average, flat in gate_logits() order, for a controller that
+        # steers on their velocity (budget.LogitTrend); empty unless asked for.
+        gate_entries = sum(a.numel() for a in self.gate_logits()) if track_gate_velocity else 0
+        self.register_buffer("logit_average", torch.zeros(gate_entries))
         self.numels = [p.numel() for p in self._theta0]
         self.total = sum(self.numels)
         self.set_mode(mode)
@@ -87,6 +92,14 @@ class DiffModel(nn.Module):
     def gate_logits(self) -> list[nn.Parameter]:
         """Every gate logit tensor: one per diffed tensor, then the group logits (structured only)."""
         return [*self.log_alpha] + ([self.group_log_alpha] if self.structured else [])
+
+    def logit_averages(self) -> list[torch.Tensor]:
+        """Views into the `logit_average` buffer shaped as gate_logits() (empty if not tracked)."""
+        if not self.logit_average.numel():
+            return []
+        logits = self.gate_logits()
+        parts = self.logit_average.split([a.numel() for a in logits])
+        return [part.view_as(a) for part, a in zip(parts, logits)]
 
     # -- the effective parameters --------------------------------------------------------
     def _gate(self, alpha: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,9 @@ class DensitySteering:
     With `--l0-lambda` set, lambda stays at that value. Otherwise the phase starts with no
     penalty and a `DensityController` moves lambda after each step, by the expected density
     now or, with `--controller-lookahead`, by the density the gate logits are heading for
-    (`LogitTrend`). Lambda and the controller's other state live in the model's buffers or are
-    rebuilt from the logits, so a resumed run steers like the uninterrupted one (the trend
-    re-warms within about ten steps).
+    (`LogitTrend`). Lambda, the logits' moving average and the controller's other state live in
+    the model's buffers or are rebuilt from the logits, so a resumed run steers exactly as the
+    uninterrupted one.
 
     With `--steer shift` there is no penalty at all: after each step the entry gate logits all
     move down by the one amount that puts the expected density on the controller's schedule
@@ -52,6 +52,8 @@ class DensitySteering:
     def start(self) -> None:
         self.model.l0_lambda.fill_(0.0 if self.steered else self.options.l0_lambda)
         self.trend = self._follow_the_gates() if self.options.controller_lookahead else None
+        if self.trend is not None:
+            self.trend.restart()
 
     def penalty(self) -> dict[str, torch.Tensor]:
         """The loss term lambda * E[L0]; remembers E[L0] when it is the density the controller reads."""
@@ -71,7 +73,7 @@ class DensitySteering:
         if not self.steered:
             return
         if o.controller_lookahead:
-            self.trend = self.trend or self._follow_the_gates()  # after a resume: from here on
+            self.trend = self.trend or self._follow_the_gates()  # after a resume: the checkpoint's average
             self.trend.update()
         if self.controller is None:
             self.controller = DensityController(target=self.target, start=1.0, total_steps=total, begin=o.l0_warmup,
@@ -106,10 +108,10 @@ class DensitySteering:
         return self.last_l0 / model.total if self.last_l0 is not None else model.expected_density()
 
     def _follow_the_gates(self) -> LogitTrend:
-        # Group logits first: the entries' expected density needs them.
-        logits = self.model.gate_logits()
-        logits = logits[-1:] + logits[:-1] if self.model.structured else logits
-        return LogitTrend(logits)
+        logits, averages = self.model.gate_logits(), self.model.logit_averages()
+        if self.model.structured:  # group logits first: the entries' expected density needs them
+            logits, averages = logits[-1:] + logits[:-1], averages[-1:] + averages[:-1]
+        return LogitTrend(logits, averages)
 
     def _reachable(self, steps: float) -> float:
         """The density if every gate fell one gate learning rate per step since the penalty began."""
