@@ -372,6 +372,7 @@ def test_deterministic_projection_and_fixed_init(tiny_model, fixed_init):
 
 def test_sampled_projection(tiny_model):
     method, model, w, alpha = _prepared(tiny_model, {"budget": 300})
+    model.eval()  # the projection samples the gates whatever mode it is called in
     torch.manual_seed(0)
     method._project(model)
     positions = model.positions

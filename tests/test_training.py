@@ -430,6 +430,13 @@ def test_bad_settings_are_refused_before_anything_runs(bad, message, tiny_model,
     assert not (tmp_path / "run").exists()
 
 
+def test_diff_pruning_under_fsdp_is_refused_before_anything_runs(tiny_model, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(DiffpruneError, match="method 'diff-struct' cannot train under FSDP.*DDP"):
+        train(settings(tiny_model, glue_dir, tmp_path / "run", method="diff-struct"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_empty_training_set_is_refused(tiny_model, tmp_path):
     import shutil
 

@@ -83,6 +83,8 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     output = Path(settings.output)
     spec = get_task(settings.task)
     method = build_method(settings.method, method_options)
+    if method.fsdp_refused and parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch`
+        raise DiffpruneError(f"method '{method.name}' cannot train under FSDP: {method.fsdp_refused}")
     computation = {**settings.computation(), "method_options": _jsonable_options(method.config)}
     # A run made before an option of this version existed used its default (check_resumable).
     defaults = {"method_options": _jsonable_options(type(method.config)())}

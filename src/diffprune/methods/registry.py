@@ -33,6 +33,7 @@ class Method:
     Config: ClassVar[type] = NoOptions
     default_lr: ClassVar[float] = 5e-5
     artifact: ClassVar[str | None] = None  # the file or folder `save` writes into the run folder
+    fsdp_refused: ClassVar[str | None] = None  # why the method cannot train under FSDP, if it cannot
 
     def lr(self, settings: TrainSettings) -> float:
         return settings.lr if settings.lr is not None else self.default_lr

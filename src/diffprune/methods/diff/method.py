@@ -58,6 +58,10 @@ def projection_scores(model: DiffModel, deltas: list[torch.Tensor]) -> list[torc
 class _DiffBase(Method):
     Config = PatchOptions
     artifact = PATCH_FILE
+    # FSDP would shard the frozen base under DiffModel's functional_call and its per-entry w,
+    # gates and k positions, which the projection reads whole; DDP keeps them whole.
+    fsdp_refused = ("its diff and gates sit beside the frozen base and are read whole by the projection; "
+                    "launch it with DDP (accelerate launch without an FSDP config, or torchrun)")
     structured = False
     mode = "l0"
 
@@ -106,8 +110,7 @@ class _DiffBase(Method):
     def _project(self, model: DiffModel) -> None:
         c = self.config
         with torch.no_grad():
-            if self._deterministic_projection():
-                model.eval()
+            model.train(not self._deterministic_projection())  # train mode samples the gates
             deltas = [d for _, d in model.deltas()]
             model.train()
             flat = torch.cat([d.reshape(-1) for d in deltas])
