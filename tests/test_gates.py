@@ -115,6 +115,7 @@ def test_hard_concrete_module():
 
     default = HardConcrete(5)
     assert default.log_alpha.shape == (5,) and torch.all(default.log_alpha == 5.0)
+    assert HardConcrete([2, 3]).log_alpha.shape == HardConcrete(torch.Size([2, 3])).log_alpha.shape == (2, 3)
     default.eval()
     assert torch.all(default() == 1.0)  # gates start open
     assert "l=-1.5" in repr(default)

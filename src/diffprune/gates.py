@@ -10,6 +10,7 @@ is written into `.grad` by hand. Diff pruning's defaults: l = -1.5, r = 1.5, bet
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,10 @@ class HardConcrete(nn.Module):
     """A tensor of gates with no input: `forward()` samples in training, is deterministic in eval.
     (DiffModel keeps its gate logits per diffed tensor and calls the functions above directly.)"""
 
-    def __init__(self, size: int | tuple[int, ...], init: float = 5.0, shape: GateShape = GateShape()) -> None:
+    def __init__(self, size: int | Sequence[int], init: float = 5.0, shape: GateShape = GateShape()) -> None:
         super().__init__()
         self.shape = shape
-        self.log_alpha = nn.Parameter(torch.full(size if isinstance(size, tuple) else (size,), float(init)))
+        self.log_alpha = nn.Parameter(torch.full((size,) if isinstance(size, int) else tuple(size), float(init)))
 
     def forward(self) -> torch.Tensor:
         return gate(self.log_alpha, self.shape, self.training)
