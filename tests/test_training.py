@@ -150,6 +150,28 @@ def test_overwrite_replaces_the_run(tiny_model, glue_dir, tmp_path):
         evaluate_run(out, data_dir=glue_dir)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_without_a_run_keeps_what_the_user_put_there(tiny_model, glue_dir, tmp_path, overwrite):
+    """A project folder that holds the user's own `model/` (here, the base itself) is not a run:
+    --overwrite has nothing to replace there, and no run may write its artifact over it."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model, project / "model")
+    before = sorted(p.name for p in (project / "model").iterdir())
+    with pytest.raises(DiffpruneError, match="holds no run but has a 'model'"):
+        train(settings(str(project / "model"), glue_dir, project, max_steps=1, overwrite=overwrite))
+    assert sorted(p.name for p in (project / "model").iterdir()) == before
+    assert not (project / "settings.json").exists()
+
+
+def test_an_output_that_is_a_file_is_a_clear_error(tiny_model, glue_dir, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(DiffpruneError, match="is a file, not a folder"):
+        train(settings(tiny_model, glue_dir, tmp_path / "taken"))
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_a_missing_or_broken_adapter_is_a_clear_error(tiny_model, glue_dir, tmp_path):
     out = tmp_path / "run"
     train(settings(tiny_model, glue_dir, out, max_steps=1, method="lora"))

@@ -40,7 +40,11 @@ class Progress:
 
 def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: Iterable[str] = ()) -> None:
     """Refuse to mix runs in one folder unless the user said which way to go. `--overwrite`
-    also clears `artifacts` (what a method saves), so no old patch or model outlives its run."""
+    also clears `artifacts` (what a method saves), so no old patch or model outlives its run. A
+    folder that holds no run is never cleared, and one that already has an artifact's name in
+    it (a `model/` of the user's) is refused."""
+    if output.exists() and not output.is_dir():
+        raise DiffpruneError(f"--output {output} is a file, not a folder")
     used = [m for m in RUN_MARKERS if (output / m).exists()]
     if resume:
         if not latest_checkpoint(output) and not (output / "settings.json").exists():
@@ -48,7 +52,11 @@ def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: It
         return
     if used and not overwrite:
         raise DiffpruneError(f"{output} already holds a run ({used[0]}); pass --overwrite to replace it or --resume to continue it")
-    if overwrite:
+    foreign = [a for a in artifacts if not used and (output / a).exists()]
+    if foreign:  # not a run's: the user's own (a base model in `model/`, say), never to be replaced
+        raise DiffpruneError(f"{output} holds no run but has a '{foreign[0]}' where a run writes its artifact; "
+                             "choose another --output")
+    if used and overwrite:
         for m in (*RUN_MARKERS, "log.csv", "tensorboard", "best.safetensors", *artifacts):
             path = output / m
             if path.is_dir():
