@@ -103,3 +103,14 @@ def test_diff_pruning_on_two_processes_keeps_one_patch(tiny_model_no_dropout, tm
     # (the patch records the run's --max-seq-length 64, so eval truncates the same way)
     reevaluated = evaluate_patch(run / "patch.safetensors", data_dir=str(GLUE_FIXTURES), model=tiny_model_no_dropout)
     assert reevaluated == pytest.approx(record["dev"], abs=1e-6)
+
+
+def test_a_dev_set_smaller_than_the_processes_does_not_hang(tiny_model_no_dropout, tmp_path, one_thread):
+    """One dev example for two processes: one of them evaluates nothing, and must still finish."""
+    run = tmp_path / "two"
+    args = train_args(tiny_model_no_dropout, run)
+    for flag, value in (("--max-train-samples", "4"), ("--batch-size", "4"), ("--epochs", "1")):
+        args[args.index(flag) + 1] = value
+    launch_two([*args, "--max-eval-samples", "1"], tmp_path / "two.log")
+    record = json.loads((run / "run.json").read_text())
+    assert record["num_processes"] == 2 and record["steps"] == 1 and len(record["evals"]) == 1

@@ -224,7 +224,10 @@ def train_step(
 def predict_logits(
     model: nn.Module, dataset: Dataset, collator: Callable, accelerator: Accelerator, batch_size: int
 ) -> np.ndarray:
-    """Logits for every example in order; the work is sharded over processes and gathered."""
+    """Logits for every example in order; the work is sharded over processes and gathered.
+    The forward runs on the unwrapped model: DDP's forward would broadcast buffers, a collective
+    that a process left without examples (a dev set smaller than the processes) never joins."""
+    model = accelerator.unwrap_model(model)
     model.eval()
     mine = shard(list(range(len(dataset))), accelerator)
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
