@@ -129,6 +129,22 @@ def test_load_folder_with_config_but_no_weights_is_a_one_line_error(tiny_model, 
     _assert_one_line_error(excinfo, "cannot load model")
 
 
+def test_load_folder_without_tokenizer_files_is_a_one_line_error(tiny_model, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / name, folder / name)
+    with pytest.raises(DiffpruneError) as excinfo:
+        load_base(folder)
+    _assert_one_line_error(excinfo, str(folder), "tokenizer files missing")
+
+
+def test_max_positions_is_the_smaller_known_limit(tiny_model):
+    base = load_base(tiny_model)
+    assert base.tokenizer.model_max_length == 512 and base.model.config.max_position_embeddings == 160
+    assert base.max_positions() == 160
+
+
 # ---- any architecture: the class comes from the config, never from the name ----------------
 
 

@@ -164,6 +164,8 @@ def test_bad_numbers_in_flags_are_one_line_errors(work):
         line = invoked_error(invoke("train", "--method", "diff", *flags, "--output", str(work / "bn")))
         assert expected in line, line
     assert not (work / "bn").exists()
+    result = invoke("eval", "--run", str(work / "bn"), "--batch-size", "0")  # click's own usage error
+    assert result.exit_code == 2 and "--batch-size" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---- a real run and what one does with it ---------------------------------------------------

@@ -445,6 +445,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(reference, tiny_model
     ({"log_every": 0}, "--log-every"), ({"max_train_samples": -3}, "--max-train-samples"),
     ({"max_grad_norm": -1.0}, "--max-grad-norm"), ({"batch_size": 8.5}, "'batch_size' must be int"),
     ({"save_model": "no"}, "'save_model' must be bool"), ({"seed": True}, "'seed' must be int"),
+    ({"seed": -1}, "--seed must be in"), ({"lr": float("nan")}, "'lr' must be a finite number"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(bad, message, tiny_model, glue_dir, tmp_path):
     with pytest.raises(DiffpruneError, match=message):
@@ -456,6 +457,52 @@ def test_diff_pruning_under_fsdp_is_refused_before_anything_runs(tiny_model, glu
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
     with pytest.raises(DiffpruneError, match="method 'diff-struct' cannot train under FSDP.*DDP"):
         train(settings(tiny_model, glue_dir, tmp_path / "run", method="diff-struct"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_started_again_from_its_first_step_logs_each_step_once(tmp_path):
+    """--resume of a run killed before its first checkpoint starts over: the earlier try's
+    TensorBoard events go, as its CSV rows do."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffprune.training.logger import RunLogger
+
+    for value in (1.0, 2.0):  # the first try, then the run started again
+        logger = RunLogger(tmp_path, enabled=True)
+        for step in (1, 2):
+            logger.log(step, "l0", step / 2, {"loss": value})
+        logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("l0/loss")] == [(1, 2.0), (2, 2.0)]
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert [(r["step"], r["value"]) for r in csv.DictReader(f)] == [("1", "2.0"), ("2", "2.0")]
+
+
+def test_resume_may_change_whether_the_artifact_is_saved(reference, tiny_model, glue_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    record = train(settings(tiny_model, glue_dir, out, save_model=False, resume=True))
+    assert record["score"] == reference[1]["score"]
+
+
+def test_inputs_the_model_cannot_take_are_refused_before_anything_runs(tiny_model, glue_dir, tmp_path):
+    with pytest.raises(DiffpruneError, match="--max-seq-length 200 is longer than the 160 tokens"):
+        train(settings(tiny_model, glue_dir, tmp_path / "long", max_seq_length=200))
+    assert not (tmp_path / "long").exists()
+
+
+def test_an_empty_dev_set_is_refused_before_anything_runs(tiny_model, glue_dir, tmp_path):
+    import shutil
+
+    glue = tmp_path / "glue"
+    shutil.copytree(Path(glue_dir) / "MRPC", glue / "MRPC")
+    dev = glue / "MRPC" / "dev.tsv"
+    dev.write_text(dev.read_text(encoding="utf-8-sig").splitlines()[0] + "\n", encoding="utf-8")
+    with pytest.raises(DiffpruneError, match="the MRPC dev set is empty"):
+        train(settings(tiny_model, str(glue), tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 

@@ -58,10 +58,17 @@ def load_task_data(spec: TaskSpec, base: BaseModel, settings: TrainSettings, wit
         examples = load_split(spec, split, settings.data_dir)
         return TokenizedDataset(examples[:limit] if limit else examples, base.tokenizer, settings.max_seq_length)
 
+    longest = base.max_positions()
+    if longest is not None and settings.max_seq_length > longest:
+        raise DiffpruneError(f"--max-seq-length {settings.max_seq_length} is longer than the {longest} tokens "
+                             f"this model takes")
     train = tokenized("train", settings.max_train_samples) if with_train else None
     if train is not None and len(train) == 0:
         raise DiffpruneError(f"the {spec.name} training set is empty")
     dev = {split: tokenized(split, settings.max_eval_samples) for split in spec.dev_splits}
+    empty = [split for split, data in dev.items() if len(data) == 0]
+    if empty:
+        raise DiffpruneError(f"the {spec.name} {empty[0]} set is empty: there is nothing to evaluate on")
     return TaskData(spec, train, dev)
 
 

@@ -60,6 +60,15 @@ class BaseModel:
     def head_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if n in self.head_names}
 
+    def max_positions(self) -> int | None:
+        """The longest input the model takes, in tokens: the smaller of the tokenizer's stated
+        limit (RoBERTa's 512 of its 514 position rows) and the position embeddings' count, of
+        those that are known (a tokenizer that states none reports a huge sentinel)."""
+        limits = [getattr(self.tokenizer, "model_max_length", None),
+                  getattr(self.model.config, "max_position_embeddings", None)]
+        known = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
+        return min(known) if known else None
+
 
 def load_base(
     name_or_path: str | os.PathLike | None = None,
@@ -98,6 +107,11 @@ def load_base(
             source, config=config, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
+        # transformers may build a tokenizer of a few special tokens when a folder has no
+        # tokenizer files: every word would become [UNK], and training would learn nothing.
+        if getattr(config, "vocab_size", None) and len(tokenizer) < config.vocab_size // 2:
+            raise DiffpruneError(f"the tokenizer of '{source}' knows {len(tokenizer)} tokens for a model of "
+                                 f"{config.vocab_size}: are its tokenizer files missing?")
     except DiffpruneError:
         raise
     except (OSError, ValueError) as e:

@@ -125,7 +125,7 @@ def methods_command() -> None:
 def _eval_options(fn):
     fn = click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A finished run folder.")(fn)
     fn = click.option("--data-dir", help="GLUE folder; default: $GLUE_DIR, else the HF hub.")(fn)
-    fn = click.option("--batch-size", type=int, default=128, show_default=True, help="Evaluation batch size.")(fn)
+    fn = click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Evaluation batch size.")(fn)
     return fn
 
 

@@ -35,7 +35,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events at that step and after: keep the checkpoint's own step
-            purge = resume_step + 1 if resume_step is not None else None
+            # (and, for a run started again from its first step, none of an earlier try's)
+            purge = (resume_step or 0) + 1
             self._tb = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=purge)
         except ImportError:  # tensorboard is a dependency, but the CSV alone is still a full log
             self._tb = None

@@ -79,6 +79,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         check_types(type(self), vars(self))
         checks = [
+            (0 <= self.seed < 2**32, "--seed must be in [0, 2**32)"),
             (self.epochs > 0, "--epochs must be positive"),
             (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
             (self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be positive"),
@@ -98,7 +99,7 @@ class TrainSettings:
                 raise DiffpruneError(message)
 
     # Settings that do not change what is computed, so a resumed run may differ in them.
-    RUN_CONTROL = ("output", "overwrite", "resume", "checkpoint_every", "log_every", "data_dir")
+    RUN_CONTROL = ("output", "overwrite", "resume", "checkpoint_every", "log_every", "data_dir", "save_model")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
