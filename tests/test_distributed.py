@@ -111,6 +111,7 @@ def test_a_dev_set_smaller_than_the_processes_does_not_hang(tiny_model_no_dropou
     args = train_args(tiny_model_no_dropout, run)
     for flag, value in (("--max-train-samples", "4"), ("--batch-size", "4"), ("--epochs", "1")):
         args[args.index(flag) + 1] = value
-    launch_two([*args, "--max-eval-samples", "1"], tmp_path / "two.log")
+    output = launch_two([*args, "--max-eval-samples", "1"], tmp_path / "two.log")
     record = json.loads((run / "run.json").read_text())
     assert record["num_processes"] == 2 and record["steps"] == 1 and len(record["evals"]) == 1
+    assert output.count("epoch 1.00: dev") == 1  # printed by the main process only

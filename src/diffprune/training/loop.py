@@ -113,7 +113,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
             epoch = progress.phase_step / steps_per_epoch
             progress.evals.append({"phase": phase.name, "epoch": round(epoch, 4), "step": progress.global_step, **metrics})
             ctx.logger.log(progress.global_step, phase.name, epoch, {f"dev_{k}": v for k, v in metrics.items()})
-            bar.write(f"[{phase.name}] epoch {epoch:.2f}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if acc.is_local_main_process:  # tqdm.write prints even where the bar is disabled
+                bar.write(f"[{phase.name}] epoch {epoch:.2f}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if phase.keep_best and (progress.best_score is None or metrics["score"] > progress.best_score):
                 progress.best_score, progress.best_step = metrics["score"], progress.global_step
                 best = {k: v.detach().to("cpu", copy=True) for k, v in ctx.trainable_state().items()}
