@@ -126,16 +126,21 @@ def load_base(
     base = BaseModel(
         model=model,
         tokenizer=tokenizer,
-        # A local folder is named by its absolute path: a patch or run record must find it again
-        # from any working directory.
-        name=DEFAULT_MODEL_NAME if not name_or_path else str(Path(source).resolve()) if Path(source).is_dir()
-        else str(name_or_path),
+        name=_recorded_name(name_or_path, source),
         fingerprint="",
         head_names=head,
         labels=labels,
     )
     base.fingerprint = fingerprint(base.base_parameters())
     return base
+
+
+def _recorded_name(name_or_path: str | os.PathLike | None, source: str) -> str:
+    """How patches and run records name the base. A local folder goes by its absolute path, so
+    that it is found again from any working directory."""
+    if not name_or_path:
+        return DEFAULT_MODEL_NAME
+    return str(Path(source).resolve()) if Path(source).is_dir() else str(name_or_path)
 
 
 def _names_a_folder(source: str) -> bool:

@@ -52,11 +52,12 @@ def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: It
         return
     if used and not overwrite:
         raise DiffpruneError(f"{output} already holds a run ({used[0]}); pass --overwrite to replace it or --resume to continue it")
-    foreign = [a for a in artifacts if not used and (output / a).exists()]
-    if foreign:  # not a run's: the user's own (a base model in `model/`, say), never to be replaced
-        raise DiffpruneError(f"{output} holds no run but has a '{foreign[0]}' where a run writes its artifact; "
-                             "choose another --output")
-    if used and overwrite:
+    if not used:
+        foreign = [a for a in artifacts if (output / a).exists()]
+        if foreign:  # not a run's: the user's own (a base model in `model/`, say), never to be replaced
+            raise DiffpruneError(f"{output} holds no run but has a '{foreign[0]}' where a run writes its "
+                                 "artifact; choose another --output")
+    else:  # a run, and --overwrite (refused above without it)
         for m in (*RUN_MARKERS, "log.csv", "tensorboard", "best.safetensors", *artifacts):
             path = output / m
             if path.is_dir():
