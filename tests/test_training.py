@@ -570,3 +570,36 @@ def test_a_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
     restored.load_state_dict(load_checkpoint(path).state["scaler"])
     assert restored.get_scale() == scaler.get_scale() == 1024.0
     assert restored.state_dict() == scaler.state_dict()
+
+
+def test_a_step_the_loss_scaler_skips_leaves_the_schedule_where_it_was():
+    """fp16 loss scaling skips a step whose scaled gradients overflow; the learning rate
+    schedule must not advance for it. (fp16 needs a GPU; the CPU scaler behaves the same.)"""
+    from accelerate import Accelerator
+
+    from diffprune.training.loop import train_step
+    from diffprune.training.phases import ParamGroup, Phase, build_optimizer, build_scheduler
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, factor):  # the loss is finite; its gradient, times the loss scale, is not
+            return SimpleNamespace(loss=(factor * self.w).sum())
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = Scaled()
+    groups = [ParamGroup("body", [model.w], lr=0.1, schedule="linear")]
+    phase = Phase("finetune", lambda: groups, epochs=1)
+    optimizer = build_optimizer(groups)
+    scheduler = build_scheduler(optimizer, groups, total_steps=10, warmup_ratio=0.0)
+    optimizer = acc.prepare_optimizer(optimizer)
+
+    _, stepped = train_step(acc, model, phase, groups, optimizer, scheduler, {"factor": torch.tensor([1e34])},
+                            1.0, max_grad_norm=0.0)
+    assert not stepped and model.w.item() == 1.0 and scheduler.last_epoch == 0
+    _, stepped = train_step(acc, model, phase, groups, optimizer, scheduler, {"factor": torch.tensor([1.0])},
+                            1.0, max_grad_norm=0.0)
+    assert stepped and model.w.item() < 1.0 and scheduler.last_epoch == 1

@@ -130,8 +130,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
                                 collate_fn=ctx.collator, generator=torch.Generator())
             for (_, weight), batch in zip(shares, loader):
                 try:
-                    terms = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch, weight,
-                                       ctx.max_grad_norm)
+                    terms, stepped = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch,
+                                                weight, ctx.max_grad_norm)
                 except FloatingPointError as e:
                     raise TrainingDiverged(
                         f"{e} at step {progress.global_step + 1} (phase {phase.name}); "
@@ -139,7 +139,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
                     ) from None
                 progress.phase_step += 1
                 progress.global_step += 1
-                if phase.after_step:
+                if phase.after_step and stepped:
                     phase.after_step(progress.phase_step, total)
                 bar.update(1)
                 if progress.global_step % ctx.log_every == 0 or progress.phase_step == total:
@@ -183,11 +183,12 @@ def check_replicas(acc: Accelerator, state: dict[str, torch.Tensor], phase: str)
 def train_step(
     acc: Accelerator, model: nn.Module, phase: Phase, groups: list, optimizer: Any, scheduler: Any, batch: dict,
     weight: float, max_grad_norm: float,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimiser step: forward, named loss terms, backward, per-group clipping, update.
     `weight` scales this process's task loss (see `shard_with_weight`); the other terms are the
-    same on every process. Returns the detached loss terms; raises FloatingPointError (on every
-    process) if the loss or a gradient is not finite, before anything is updated."""
+    same on every process. Returns the detached loss terms and whether the weights were updated
+    (fp16 loss scaling skips a step whose gradients overflowed); raises FloatingPointError (on
+    every process) if the loss or a gradient is not finite, before anything is updated."""
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     with acc.autocast():
         outputs = model(**batch)
@@ -215,10 +216,17 @@ def train_step(
         # The gradients are all-reduced, so every process reaches the same verdict.
         if norms and acc.scaler is None and not bool(torch.isfinite(torch.stack(norms)).all()):
             raise FloatingPointError("a gradient became infinite or NaN")
+    scale = acc.scaler.get_scale() if acc.scaler is not None else None
     optimizer.step()
-    scheduler.step()
+    # A step the loss scaler skipped moved no weight: the learning rate schedule (and the
+    # phase's after_step, e.g. the density controller) waits for the step that does. The
+    # scaler lowers its scale exactly when it skips; accelerate's `step_was_skipped` cannot
+    # tell, since a fused AdamW is always called and skips inside its kernel.
+    stepped = scale is None or acc.scaler.get_scale() >= scale
+    if stepped:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}, stepped
 
 
 @torch.no_grad()
