@@ -276,6 +276,30 @@ def test_fix_rejects_wrong_count(base):
         dm.fix(torch.arange(9), torch.ones(9))
 
 
+@pytest.mark.parametrize("positions", [[0, 2, 1], [0, 1, 1]], ids=["unsorted", "repeated"])
+def test_fix_rejects_positions_out_of_order(base, positions):
+    dm = _wrap(base, k=3)
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        dm.fix(torch.tensor(positions), torch.ones(3))
+
+
+def test_an_embedding_tied_to_an_output_layer_is_gated_whole():
+    """The rows-only shortcut is exact only if the loss reads just the batch's rows; a tied
+    language-model head reads every row, so there the whole matrix is gated."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, tie_word_embeddings=True)
+    tied = BertForMaskedLM(config)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    names = [n for n, _ in tied.named_parameters()]
+    assert DiffModel(tied, names, 3, structured=False)._embedding_index is None
+    config.tie_word_embeddings = False
+    untied = BertForMaskedLM(config)
+    dm = DiffModel(untied, [n for n, _ in untied.named_parameters()], 3, structured=False)
+    assert dm._theta0[dm._embedding_index] is untied.get_input_embeddings().weight
+
+
 def test_modes_choose_what_trains(base):
     dm = _wrap(base, structured=True, mode="dense")
     assert dm.mode == "dense"

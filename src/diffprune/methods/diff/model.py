@@ -51,9 +51,8 @@ class DiffModel(nn.Module):
         for n in self.names:
             params[n].requires_grad_(False)
         self._theta0 = [params[n] for n in self.names]  # the base itself, not a copy
-        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._embedding_index = next(
-            (i for i, p in enumerate(self._theta0) if embedding is not None and p is embedding.weight), None
+            (i for i, p in enumerate(self._theta0) if p is _rows_only_embedding(model)), None
         )
         self.w = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in self._theta0])
         self.log_alpha = nn.ParameterList([nn.Parameter(torch.full_like(p, alpha_init)) for p in self._theta0])
@@ -227,6 +226,8 @@ class DiffModel(nn.Module):
         positions = positions.to(self.positions.device)
         if positions.numel() != self.positions.numel():
             raise ValueError(f"expected {self.positions.numel()} positions, got {positions.numel()}")
+        if not bool((positions[1:] > positions[:-1]).all()):  # the offsets below need them sorted and distinct
+            raise ValueError("the positions must be sorted and distinct")
         bounds = torch.tensor([0] + self.numels, device=positions.device).cumsum(0)
         self.positions.copy_(positions)
         self.offsets.copy_(torch.searchsorted(positions, bounds))
@@ -243,3 +244,15 @@ class DiffModel(nn.Module):
                 out[name] = (self.positions[a:b] - start_of, self.values[a:b].detach().clone())
             start_of += self.numels[i]
         return out
+
+
+def _rows_only_embedding(model: nn.Module) -> nn.Parameter | None:
+    """The input embedding matrix, if the loss depends only on the rows a batch looks up. Not
+    if it is tied to an output projection that reads every row (a language-model head)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None:
+        return None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is embedding.weight:
+        return None
+    return embedding.weight
