@@ -296,3 +296,12 @@ def test_export_refuses_a_folder_in_use(base, tmp_path):
     with pytest.raises(DiffpruneError, match="not an empty folder"):
         export_model(patch, base, used)
     assert [p.name for p in used.iterdir()] == ["run.json"]  # nothing lost, nothing added
+
+
+def test_plot_panels_get_distinct_titles(base):
+    from diffprune.patch.plot import panel_labels
+
+    mrpc, sts = (_random_patch(base, task=task, method="diff")[0] for task in ("MRPC", "STS-B"))
+    assert panel_labels(["a", "b"], [mrpc, sts]) == ["MRPC (diff)", "STS-B (diff)"]
+    assert panel_labels(["s1/patch", "s2/patch"], [mrpc, mrpc]) == ["s1/patch", "s2/patch"]  # two seeds
+    assert panel_labels(["a", "a"], [mrpc, mrpc]) == ["a", "a [2]"]  # one file twice: two panels, not one

@@ -40,15 +40,19 @@ def info_command(file: str, as_json: bool) -> None:
         click.echo("  dev: " + ", ".join(f"{k} {v:.4f}" for k, v in info["metrics"].items()))
 
 
+def _write_patched_model(file: str, output: str, model: str | None) -> None:
+    from diffprune.patch.ops import export
+
+    click.echo(f"wrote {_run(export, file, output, model)}")
+
+
 @patch_group.command("apply")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--base", "model", default=None, help="Base model id or folder (default: the one the patch names).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the patched model.")
 def apply_command(file: str, model: str | None, output: str) -> None:
     """Apply a patch onto a base and write the patched model (refused if the base differs)."""
-    from diffprune.patch.ops import export
-
-    click.echo(f"wrote {_run(export, file, output, model)}")
+    _write_patched_model(file, output, model)
 
 
 @patch_group.command("export")
@@ -58,9 +62,7 @@ def apply_command(file: str, model: str | None, output: str) -> None:
               "moved (default: that one).")
 def export_command(file: str, output: str, model: str | None) -> None:
     """Write base + patch as a plain transformers model folder (the base the patch names)."""
-    from diffprune.patch.ops import export
-
-    click.echo(f"wrote {_run(export, file, output, model)}")
+    _write_patched_model(file, output, model)
 
 
 @patch_group.command("plot")
@@ -71,14 +73,11 @@ def plot_command(files: tuple[str, ...], model: str | None, output: str) -> None
     """Where each patch's diff lives: density per layer and per kind of tensor, side by side."""
     from diffprune.patch import TaskPatch
     from diffprune.patch.ops import base_for
-    from diffprune.patch.plot import plot_patches
+    from diffprune.patch.plot import panel_labels, plot_patches
 
     def plot() -> str:
         loaded = [TaskPatch.load(f) for f in files]
-        labels = [f"{p.meta.get('task')} ({p.meta.get('method')})" for p in loaded]
-        if len(set(labels)) < len(labels):  # e.g. two seeds of one task: name them by file
-            labels = list(files)
-        patches = dict(zip(labels, loaded))
+        patches = dict(zip(panel_labels(files, loaded), loaded))
         first = next(iter(patches.values()))
         base = base_for(first, model)
         for label, p in patches.items():

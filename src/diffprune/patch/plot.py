@@ -27,6 +27,20 @@ def locate(name: str) -> tuple[str, str]:
     return ("embeddings", ".".join(parts[parts.index(group) + 1:]) or group) if group else ("other", name)
 
 
+def panel_labels(files: list[str] | tuple[str, ...], patches: list[TaskPatch]) -> list[str]:
+    """One distinct title per patch: task and method, or the file where those repeat (two seeds
+    of one task), numbered where even the file repeats."""
+    labels = [f"{p.meta.get('task')} ({p.meta.get('method')})" for p in patches]
+    if len(set(labels)) < len(labels):
+        labels = [str(f) for f in files]
+    seen: dict[str, int] = defaultdict(int)
+    unique = []
+    for label in labels:
+        seen[label] += 1
+        unique.append(label if seen[label] == 1 else f"{label} [{seen[label]}]")
+    return unique
+
+
 def density_table(patch: TaskPatch, shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, str], float]:
     """(where, kind) -> density of the diff among the entries of those base tensors."""
     nnz, numel = defaultdict(int), defaultdict(int)
