@@ -156,6 +156,13 @@ def test_qqp_short_rows_are_skipped_and_counted(caplog):
     assert "skipped 1 row(s)" in caplog.text
 
 
+def test_a_qqp_test_row_without_its_fields_is_an_error_not_a_hole_in_the_submission(tmp_path):
+    (tmp_path / "QQP").mkdir()
+    (tmp_path / "QQP" / "test.tsv").write_text("id\tquestion1\tquestion2\n0\tWhy?\tWhy not?\n1\tHow?\n")
+    with pytest.raises(DiffpruneError, match="test.tsv:3: expected 3 tab-separated fields, found 2"):
+        read_glue_split("QQP", "test", tmp_path)
+
+
 def test_missing_folder_task_and_file(tmp_path):
     with pytest.raises(DiffpruneError, match="GLUE folder .*nowhere does not exist"):
         read_glue_split("RTE", "train", tmp_path / "nowhere")
