@@ -276,10 +276,12 @@ def test_fix_rejects_wrong_count(base):
         dm.fix(torch.arange(9), torch.ones(9))
 
 
-@pytest.mark.parametrize("positions", [[0, 2, 1], [0, 1, 1]], ids=["unsorted", "repeated"])
-def test_fix_rejects_positions_out_of_order(base, positions):
+@pytest.mark.parametrize("positions, message", [([0, 2, 1], "sorted and distinct"), ([0, 1, 1], "sorted and distinct"),
+                                               ([-1, 0, 1], "lie in"), ([0, 1, 10**9], "lie in")],
+                         ids=["unsorted", "repeated", "negative", "past-the-end"])
+def test_fix_rejects_positions_out_of_order_or_range(base, positions, message):
     dm = _wrap(base, k=3)
-    with pytest.raises(ValueError, match="sorted and distinct"):
+    with pytest.raises(ValueError, match=message):
         dm.fix(torch.tensor(positions), torch.ones(3))
 
 
@@ -298,6 +300,17 @@ def test_an_embedding_tied_to_an_output_layer_is_gated_whole():
     untied = BertForMaskedLM(config)
     dm = DiffModel(untied, [n for n, _ in untied.named_parameters()], 3, structured=False)
     assert dm._theta0[dm._embedding_index] is untied.get_input_embeddings().weight
+
+
+def test_an_encoder_decoder_embedding_is_gated_whole():
+    """A T5 classifier's decoder starts from a token the batch's input_ids need not hold."""
+    from transformers import T5Config, T5ForSequenceClassification
+
+    config = T5Config(vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                      tie_word_embeddings=False, num_labels=2)
+    model = T5ForSequenceClassification(config)
+    names = [n for n, _ in model.named_parameters()]
+    assert DiffModel(model, names, 3, structured=False)._embedding_index is None
 
 
 def test_modes_choose_what_trains(base):

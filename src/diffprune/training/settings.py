@@ -106,3 +106,8 @@ class TrainSettings:
 
     def computation(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUN_CONTROL}
+
+    @classmethod
+    def computation_defaults(cls) -> dict[str, Any]:
+        """What a run made before a setting existed counts as having used (check_resumable)."""
+        return {f.name: f.default for f in fields(cls) if f.name not in cls.RUN_CONTROL}

@@ -228,6 +228,8 @@ class DiffModel(nn.Module):
             raise ValueError(f"expected {self.positions.numel()} positions, got {positions.numel()}")
         if not bool((positions[1:] > positions[:-1]).all()):  # the offsets below need them sorted and distinct
             raise ValueError("the positions must be sorted and distinct")
+        if positions.numel() and not 0 <= int(positions[0]) <= int(positions[-1]) < self.total:
+            raise ValueError(f"positions must lie in [0, {self.total})")
         bounds = torch.tensor([0] + self.numels, device=positions.device).cumsum(0)
         self.positions.copy_(positions)
         self.offsets.copy_(torch.searchsorted(positions, bounds))
@@ -248,9 +250,10 @@ class DiffModel(nn.Module):
 
 def _rows_only_embedding(model: nn.Module) -> nn.Parameter | None:
     """The input embedding matrix, if the loss depends only on the rows a batch looks up. Not
-    if it is tied to an output projection that reads every row (a language-model head)."""
+    if it is tied to an output projection that reads every row (a language-model head), nor in
+    an encoder-decoder, whose decoder also reads rows that are not in input_ids (its start token)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embedding is None:
+    if embedding is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return None
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None and getattr(output, "weight", None) is embedding.weight:
