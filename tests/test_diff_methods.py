@@ -355,6 +355,24 @@ def _prepared(tiny_model, options, seed=1234, method_name="diff"):
     return method, model, w, alpha
 
 
+@pytest.mark.parametrize("patch_dtype", ["float32", "float16", "bfloat16"])
+def test_finish_leaves_the_values_the_patch_stores_so_the_recorded_score_is_the_patchs(tiny_model, patch_dtype):
+    method, model, _, _ = _prepared(tiny_model, {"budget": 300, "patch_dtype": patch_dtype})
+    method._project(model)
+    with torch.no_grad():
+        model.values.copy_(torch.linspace(-0.3, 0.3, 300) + 1e-5)  # most not representable in 16 bits
+    before = model.values.detach().clone()
+    method.finish(model)
+    dtype = getattr(torch, patch_dtype)
+    assert torch.equal(model.values.detach(), before.to(dtype).float())
+    assert patch_dtype == "float32" or not torch.equal(model.values.detach(), before)
+    if patch_dtype == "float16":  # a value fp16 cannot hold is left for save's clear error, not scored as inf
+        with torch.no_grad():
+            model.values[0] = 1e6
+        method.finish(model)
+        assert model.values[0].item() == 1e6
+
+
 @pytest.mark.parametrize("fixed_init", ["projected", "w"])
 def test_deterministic_projection_and_fixed_init(tiny_model, fixed_init):
     method, model, w, alpha = _prepared(tiny_model, {"budget": 300, "projection": "deterministic",

@@ -135,6 +135,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     finally:
         logger.close()
 
+    method.finish(model)
     final = dev_metrics(wrapped, data, collator, accelerator, settings.eval_batch_size)
     record = {
         "diffprune_version": __version__,

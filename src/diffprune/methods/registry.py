@@ -48,6 +48,10 @@ class Method:
     def phases(self, model: nn.Module, base: BaseModel, settings: TrainSettings) -> list[Phase]:
         raise NotImplementedError
 
+    def finish(self, model: nn.Module) -> None:
+        """After training, before the final dev evaluation: put the model in the state its
+        artifact will hold, so that the recorded scores are the artifact's."""
+
     def trainable_params(self, model: nn.Module) -> int:
         """Parameters this method stores per task (what the record's `trainable_params` reports)."""
         return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -26,6 +26,7 @@ from diffprune.methods.diff.options import DiffOptions, NonAdaptiveOptions, Patc
 from diffprune.methods.diff.steering import DensitySteering
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
+from diffprune.patch.taskpatch import VALUE_DTYPES
 from diffprune.training.phases import ParamGroup, Phase, decay_split
 from diffprune.training.settings import TrainSettings
 
@@ -146,6 +147,14 @@ class _DiffBase(Method):
             dense[positions] = values  # on the training device; TaskPatch keeps its copy on the CPU
             diffs[name] = dense.view_as(model.model.get_parameter(name))
         return TaskPatch.from_dense_diffs(diffs, head_state(model.model, base), patch_meta(base, self, record))
+
+    @torch.no_grad()
+    def finish(self, model: DiffModel) -> None:
+        # The patch stores the values at --patch-dtype (fp16 by default): score those values.
+        # (Values the type cannot hold are left for save to refuse with a clear message.)
+        stored = model.values.to(VALUE_DTYPES[self.config.patch_dtype])
+        if model.mode == "fixed" and torch.isfinite(stored).all():
+            model.values.copy_(stored)
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
         files = save_patch(self.to_patch(model, base, record), output, self.config.patch_dtype)
