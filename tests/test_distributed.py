@@ -89,13 +89,15 @@ def test_two_processes_match_one(tiny_model_no_dropout, tmp_path, one_thread):
 def test_diff_pruning_on_two_processes_keeps_one_patch(tiny_model_no_dropout, tmp_path, one_thread):
     """Each phase trains other tensors (w and the gates, then the k values) and each process
     draws its own gate sample for the projection: the processes must still end with one model,
-    the one the patch holds."""
+    the one the patch holds. DDP does not broadcast buffers: the controller's state (lambda,
+    the lookahead's logit average) must come out the same on each process by itself."""
     from diffprune.api import evaluate_patch
 
     run = tmp_path / "two"
     args = train_args(tiny_model_no_dropout, run)
     args[args.index("full")] = "diff-struct"
-    launch_two([*args, "--budget", "0.01", "--patch-dtype", "float32"], tmp_path / "two.log")
+    launch_two([*args, "--budget", "0.01", "--patch-dtype", "float32", "--controller-lookahead", "2"],
+               tmp_path / "two.log")
     record = json.loads((run / "run.json").read_text())
     assert record["num_processes"] == 2 and record["steps"] == 16  # 2 epochs per phase, 4 steps each
 
