@@ -126,7 +126,10 @@ class _DiffBase(Method):
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(model)
-        state.update(dict(model.named_buffers(recurse=False)))
+        buffers = dict(model.named_buffers(recurse=False))
+        if model.mode == "fixed":  # the lookahead's logit average (one float per gate) steers the L0 phase only
+            buffers.pop("logit_average")
+        state.update(buffers)
         return state
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
