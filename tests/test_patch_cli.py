@@ -92,10 +92,11 @@ def test_train_writes_patch_and_prints_score(trained):
     out, result, record = trained
     path = out / "patch.safetensors"
     assert path.is_file() and path.stat().st_size == record["patch_bytes"]
-    assert record["method"] == "diff-struct" and record["nnz"] == record["k"] == round(0.01 * record["base_params"])
+    assert record["method"] == "diff-struct" and record["k"] == round(0.01 * record["base_params"])
+    assert 0.99 * record["k"] < record["nnz"] <= record["k"]  # fp16 stores a value below 6e-8 as no change
     assert f"dev f1: {record['score']:.4f}" in result.stdout
     assert f"patch written to {path}" in result.stdout
-    assert f"{record['k']:,} changed entries" in result.stdout
+    assert f"{record['nnz']:,} changed entries" in result.stdout
 
 
 def test_patch_info_json(trained, commands):

@@ -175,8 +175,9 @@ class _DiffBase(Method):
         if getattr(self, "patch_bytes", None) is not None:
             extras["patch_bytes"] = self.patch_bytes
             copy = 4 * sum(p.numel() for p in model.model.parameters())  # fp32 model, head included
+            nnz, dtype = extras["nnz"], self.config.patch_dtype
             extras["summary"] = [
-                f"patch: {self.patch_bytes:,} bytes ({self.k:,} changed entries, {self.config.patch_dtype} values); "
+                f"patch: {self.patch_bytes:,} bytes ({nnz:,} changed entries, {dtype} values); "
                 f"a full model copy: {copy:,} bytes ({copy / self.patch_bytes:.0f}x larger)",
                 f"patch written to {self.patch_path}",
             ]
