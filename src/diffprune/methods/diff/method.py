@@ -155,8 +155,10 @@ class _DiffBase(Method):
     def finish(self, model: DiffModel) -> None:
         # The patch stores the values at --patch-dtype (fp16 by default): score those values.
         # (Values the type cannot hold are left for save to refuse with a clear message.)
+        if model.mode != "fixed":
+            return
         stored = model.values.to(VALUE_DTYPES[self.config.patch_dtype])
-        if model.mode == "fixed" and torch.isfinite(stored).all():
+        if torch.isfinite(stored).all():
             model.values.copy_(stored)
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:

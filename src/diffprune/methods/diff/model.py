@@ -51,9 +51,8 @@ class DiffModel(nn.Module):
         for n in self.names:
             params[n].requires_grad_(False)
         self._theta0 = [params[n] for n in self.names]  # the base itself, not a copy
-        self._embedding_index = next(
-            (i for i, p in enumerate(self._theta0) if p is _rows_only_embedding(model)), None
-        )
+        embedding = _rows_only_embedding(model)
+        self._embedding_index = next((i for i, p in enumerate(self._theta0) if p is embedding), None)
         self.w = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in self._theta0])
         self.log_alpha = nn.ParameterList([nn.Parameter(torch.full_like(p, alpha_init)) for p in self._theta0])
         self.group_log_alpha = nn.Parameter(torch.full((len(self.names),), alpha_init)) if structured else None

@@ -18,7 +18,8 @@ class PatchOptions:
     budget_counts_head: bool = option(False, "Count the dense head inside the budget (the reference code's choice).")
     fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
     fixed_epochs: float | None = option(
-        None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs. --max-steps overrides it as it does --epochs."
+        None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs. --max-steps overrides it as it "
+        "does --epochs."
     )
     fixed_lr: float | None = option(None, "Learning rate of the fixed-mask phase; default: 5 x --lr.")
     diff_include: str = option("*", "Comma-separated globs of base parameter names to diff (default: all).")
