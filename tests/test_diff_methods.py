@@ -343,6 +343,24 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"diff_include": "nothing*"}).prepare(load_base(tiny_model))
 
 
+@pytest.mark.parametrize("budget, factor", [(0.01, 5), (0.005, 5), (0.0025, 10), (0.001, 15), (0.0002, 15)])
+def test_fixed_mask_rate_rises_as_the_budget_shrinks(tiny_model, budget, factor):
+    base = load_base(tiny_model)
+    method = build_method("diff", {"budget": budget})
+    model = method.prepare(base)
+    settings = TrainSettings(task="MRPC", method="diff", model=tiny_model, lr=1e-4)
+    groups = {g.name: g.lr for g in method._fixed_phase(model, base, settings).param_groups()}
+    assert groups["values"] == pytest.approx(factor * 1e-4, rel=1e-12)
+    assert groups["head"] == groups["values"]  # the head follows unless --head-lr is given
+    method = build_method("diff", {"budget": budget, "fixed_lr": 2e-3})
+    model = method.prepare(base)
+    assert method._fixed_phase(model, base, settings).param_groups()[0].lr == 2e-3
+    count = round(budget * base.num_base_params)  # a budget given as a count is the same fraction
+    method = build_method("diff", {"budget": count})
+    model = method.prepare(base)
+    assert method._fixed_phase(model, base, settings).param_groups()[0].lr == pytest.approx(factor * 1e-4, rel=0.01)
+
+
 # -- the projection and the fixed-phase start, on a prepared model (no training) -------------
 def _prepared(tiny_model, options, seed=1234, method_name="diff"):
     # (Not seed 0: the gate noise below comes from the global generator seeded 0, and the same

@@ -21,7 +21,10 @@ class PatchOptions:
         None, "Epochs of the fixed-mask phase (0 skips it); default: --epochs. --max-steps overrides it as it "
         "does --epochs."
     )
-    fixed_lr: float | None = option(None, "Learning rate of the fixed-mask phase; default: 5 x --lr.")
+    fixed_lr: float | None = option(
+        None, "Learning rate of the fixed-mask phase; default: 5 x --lr at a budget of 0.5% or more, rising as "
+        "0.005 / budget to 15 x --lr at 0.1% and below (a smaller patch moves each entry further)."
+    )
     diff_include: str = option("*", "Comma-separated globs of base parameter names to diff (default: all).")
     diff_exclude: str = option("", "Comma-separated globs of base parameter names never to diff.")
     patch_dtype: str = option("float16", "Stored value type of the patch: float32, float16 or bfloat16.")
