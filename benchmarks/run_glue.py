@@ -30,7 +30,8 @@ TASKS = ["MRPC", "STS-B", "RTE", "SST-2"]
 # takes ~26 min per phase on 2 CPU cores. (A quarter epoch left full finetuning below the
 # floor of 87; those records are kept in results/glue-sst2-quarter-epoch.jsonl.) Learning rates are each method's
 # default (`diffprune methods`): full 5e-5, BitFit 1e-3, LoRA and SHiRA 5e-4, diff pruning
-# 1e-4 for w in the L0 phase and 5e-4 for the fixed-mask phase.
+# 1e-4 for w in the L0 phase and, for the fixed-mask phase, 5e-4 at 0.5% and 1.5e-3 at 0.1%.
+# (The 0.1% runs made at a flat 5e-4 are kept in results/glue-b0.001-fixed-lr-5x.jsonl.)
 COMMON = {"batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "epochs": 3}
 EPOCHS = {"SST-2": 0.5}
 # Patches keep fp32 values here so that storage.py can measure what fp16 / bf16 values cost.

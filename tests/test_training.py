@@ -552,6 +552,29 @@ def test_checkpoint_restores_each_process_its_own_rng(tmp_path):
     assert torch.equal(draws[2], draws[0])
 
 
+def test_a_gpu_checkpoint_resumes_on_a_machine_with_fewer_gpus(tmp_path, monkeypatch):
+    """Each process saves its own device's generator only, and restores it onto its current
+    device, so a run made on 4 GPUs (or an older checkpoint holding all 4) resumes on 1."""
+    from diffprune.training.checkpoint import Progress, load_checkpoint, rng_state, save_checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.full((8,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state.clone()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every device"))
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    assert len(rng_state()["cuda"]) == 1
+    older = {"cpu": torch.get_rng_state(), "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
+    for states in ([rng_state()] * 4, [older]):
+        path = save_checkpoint(tmp_path, Progress(global_step=5), {"w": weight.detach()}, None, optimizer,
+                               scheduler, states)
+        load_checkpoint(path).restore_rng(0)
+    assert [int(s[0]) for s in restored] == [7, 0]
+
+
 def test_a_checkpoint_replaces_the_last_one_and_the_leftovers_of_a_killed_write(tmp_path):
     from diffprune.training.checkpoint import Progress, latest_checkpoint, save_checkpoint
 

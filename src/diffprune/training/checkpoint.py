@@ -128,13 +128,19 @@ class Checkpoint:
             states = [{"cpu": self.state["rng"], "cuda": self.state["cuda_rng"]}]
         mine = states[process_index] if process_index < len(states) else states[0]
         torch.set_rng_state(mine["cpu"])
-        if mine["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["cuda"])
+        cuda = mine["cuda"]
+        if cuda and torch.cuda.is_available():
+            # One state, this process's device's; checkpoints before that held one per visible
+            # device, of which this process's device's is the one it draws from.
+            own = cuda[0] if len(cuda) == 1 else cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+            torch.cuda.set_rng_state(own)
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's CPU and current-GPU generator states. Only its own device's: a run may
+    resume on a machine with fewer GPUs, where restoring every device's state would fail."""
     return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
