@@ -358,7 +358,8 @@ def test_fixed_mask_rate_rises_as_the_budget_shrinks(tiny_model, budget, factor)
     count = round(budget * base.num_base_params)  # a budget given as a count is the same fraction
     method = build_method("diff", {"budget": count})
     model = method.prepare(base)
-    assert method._fixed_phase(model, base, settings).param_groups()[0].lr == pytest.approx(factor * 1e-4, rel=0.01)
+    rate = method._fixed_phase(model, base, settings).param_groups()[0].lr
+    assert rate == pytest.approx(factor * 1e-4, rel=0.01)
 
 
 # -- the projection and the fixed-phase start, on a prepared model (no training) -------------
