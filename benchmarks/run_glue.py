@@ -53,8 +53,8 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     # two seeds: at 0.1% the patch is small enough that RTE (277 dev examples) swings by seed
     ("diff-struct", {"budget": 0.001, **FP32}, [1, 2]),
     # Beside diff-struct's 0.1% row: whether the top 0.1% of a finetuned diff can learn the task
-    # (on RTE, diff-struct's 0.1% mask stays near the majority class; see the study). Two seeds:
-    # its first, 58.5 on RTE, is above full finetuning, and RTE swings by about 3 points by seed.
+    # (on RTE, diff-struct's 0.1% mask stays near the majority class; see the study). Two seeds,
+    # since RTE's 277 dev examples swing by about 3 points by seed.
     ("nonadaptive", {"budget": 0.001, **FP32}, [1, 2]),
 ]
 MAIN = 4  # the first four variants form the first tier
