@@ -132,8 +132,7 @@ class Checkpoint:
         if cuda and torch.cuda.is_available():
             # One state, this process's device's; checkpoints before that held one per visible
             # device, of which this process's device's is the one it draws from.
-            own = cuda[0] if len(cuda) == 1 else cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
-            torch.cuda.set_rng_state(own)
+            torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)])
 
 
 def rng_state() -> dict[str, Any]:

@@ -19,6 +19,11 @@ def budget_count(budget: float, base_params: int) -> int:
     return max(1, min(k, base_params))
 
 
+def budget_fraction(budget: float, base_params: int) -> float:
+    """The budget as a fraction of the base parameters, as given when it is one (not rounded to k)."""
+    return budget if budget < 1 else budget / base_params
+
+
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat indices of the k largest scores; ties at the threshold go to the lowest
     indices, so the choice is deterministic (torch.topk's tie order is not specified)."""

@@ -20,7 +20,7 @@ from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape, prob_nonzero
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
-from diffprune.methods.diff.budget import budget_count, cubic_schedule, keep_largest, project
+from diffprune.methods.diff.budget import budget_count, budget_fraction, cubic_schedule, keep_largest, project
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.diff.options import DiffOptions, NonAdaptiveOptions, PatchOptions
 from diffprune.methods.diff.steering import DensitySteering
@@ -107,8 +107,8 @@ class _DiffBase(Method):
 
     def _fixed_phase(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> Phase:
         c, lr = self.config, self.lr(s)
-        budget_fraction = c.budget if c.budget < 1 else c.budget / base.num_base_params
-        fixed_lr = c.fixed_lr if c.fixed_lr is not None else default_fixed_lr(lr, budget_fraction)
+        fraction = budget_fraction(c.budget, base.num_base_params)
+        fixed_lr = c.fixed_lr if c.fixed_lr is not None else default_fixed_lr(lr, fraction)
         head_lr = s.head_lr if s.head_lr is not None else fixed_lr
         epochs = c.fixed_epochs if c.fixed_epochs is not None else s.epochs
         return Phase(
