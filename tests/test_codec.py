@@ -13,7 +13,7 @@ def _random_positions(numel, nnz, seed=0):
     return np.sort(np.random.default_rng(seed).choice(numel, size=nnz, replace=False)).astype(np.int64)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.001, 0.005, 0.3, 1.0])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.005, 0.3, 0.9, 0.999, 1.0])
 @pytest.mark.parametrize("numel", [1000, 12_345])
 def test_round_trip_random(numel, density):
     positions = _random_positions(numel, round(numel * density), seed=numel)
@@ -27,7 +27,7 @@ def test_round_trip_random(numel, density):
 @pytest.mark.parametrize("positions", [[0], [999], [0, 999], [500], list(range(990, 1000))])
 def test_round_trip_edges(positions):
     positions = np.array(positions, dtype=np.int64)
-    for codec in (None, "elias-fano", "bitmask"):
+    for codec in (None, "elias-fano", "bitmask", "elias-fano-complement"):
         name, data = encode_positions(positions, 1000, codec=codec)
         np.testing.assert_array_equal(decode_positions(name, data, 1000, positions.size), positions)
 
@@ -39,7 +39,8 @@ def test_codec_choice():
     assert encode_positions(_random_positions(10_000, 3_000), 10_000)[0] == "bitmask"
     assert encode_positions(_random_positions(10_000, 50), 10_000)[0] == "elias-fano"
     # choose_codec predicts what encode_positions produces without encoding.
-    for nnz in (1, 10, 100, 1000, 5000, 9999):
+    assert encode_positions(_random_positions(10_000, 9_000), 10_000)[0] == "elias-fano-complement"
+    for nnz in (1, 10, 100, 1000, 5000, 8000, 9000, 9999):
         codec, data = encode_positions(_random_positions(10_000, nnz), 10_000)
         assert choose_codec(10_000, nnz) == (codec, data.size)
 
@@ -116,3 +117,55 @@ def test_decode_rejects_unordered_elias_fano():
     low_swapped = np.array([0b11010000, data[1]], np.uint8)  # low parts 3, 1 -> positions 3, 1
     with pytest.raises(DiffpruneError, match="increasing"):
         decode_positions("elias-fano", low_swapped, 8, 2)
+
+
+def test_hand_worked_elias_fano_complement():
+    # positions {0..15} minus {1, 5, 6, 13}: the complement is the hand-worked set above, so the
+    # bytes are that set's Elias-Fano code.
+    left_out = {1, 5, 6, 13}
+    positions = np.array([p for p in range(16) if p not in left_out])
+    codec, data = encode_positions(positions, 16, codec="elias-fano-complement")
+    assert data.tolist() == [89, 178, 0]
+    np.testing.assert_array_equal(decode_positions(codec, data, 16, 12), positions)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.75, 0.9, 0.99])
+def test_dense_sets_cost_about_the_information_bound(density):
+    """A mask at 90% sparsity sets 90% of the positions: coded through its complement it costs
+    about what the 10% set would, log2 C(n, k) = log2 C(n, n - k), not the bitmask's n bits.
+    Elias-Fano spends at most ~2 bits per entry of the smaller side over the bound."""
+    numel = 100_000
+    nnz = round(numel * density)
+    positions = _random_positions(numel, nnz, seed=1)
+    codec, data = encode_positions(positions, numel)
+    bound = information_bound_bits(numel, nnz)
+    assert bound <= data.size * 8 <= bound + 2 * min(nnz, numel - nnz) + 64
+    if density >= 0.9:
+        assert codec == "elias-fano-complement" and data.size * 8 < 0.6 * numel  # the bitmask: numel bits
+        assert data.size == encode_positions(_random_positions(numel, numel - nnz), numel)[1].size
+    np.testing.assert_array_equal(decode_positions(codec, data, numel, nnz), positions)
+    assert choose_codec(numel, nnz) == (codec, data.size)
+
+
+def test_complement_rejects_corrupt_data():
+    numel = 5000
+    positions = _random_positions(numel, numel - 40)
+    codec, data = encode_positions(positions, numel)
+    assert codec == "elias-fano-complement"
+    with pytest.raises(DiffpruneError, match="bytes"):
+        decode_positions(codec, data[:-1], numel, positions.size)  # truncated
+    with pytest.raises(DiffpruneError):
+        decode_positions(codec, data, numel, positions.size - 1)  # wrong count
+    with pytest.raises(DiffpruneError):
+        decode_positions(codec, np.full_like(data, 255), numel, positions.size)  # garbage
+    with pytest.raises(DiffpruneError):
+        encode_positions(np.arange(numel), numel, codec="elias-fano-complement")  # nothing left out
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # any one flipped byte is refused or decodes to nnz sorted unique positions
+        damaged = data.copy()
+        damaged[rng.integers(data.size)] ^= rng.integers(1, 256)
+        try:
+            decoded = decode_positions(codec, damaged, numel, positions.size)
+        except DiffpruneError:
+            continue
+        assert decoded.size == positions.size and np.all(np.diff(decoded) > 0) and decoded[-1] < numel

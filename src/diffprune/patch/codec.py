@@ -12,6 +12,10 @@ Each tensor gets whichever codec is smallest (decided from (numel, nnz) alone, s
   high part h_i = p_i >> L stored in unary as a bitvector with bit h_i + i set
   (length k + (n >> L) + 1). Data = low bytes followed by high bytes.
 * "bitmask": one bit per entry, wins from roughly 1/4 density up.
+* "elias-fano-complement": Elias-Fano of the positions NOT in the set. A mask that switches off
+  90% of a tensor's entries is a dense set, and its complement a sparse one: coding the
+  complement makes a set of k of n positions cost about log2 C(n, k) = log2 C(n, n - k) bits
+  whichever side is larger, where the bitmask would spend n.
 * "all": every entry is set (zero bytes). "none": no entry is set (zero bytes).
 
 Bits are packed MSB first (np.packbits' default). Decoding validates everything, because the
@@ -28,7 +32,7 @@ import numpy as np
 
 from diffprune.errors import DiffpruneError
 
-CODECS = ("elias-fano", "bitmask", "all", "none")
+CODECS = ("elias-fano", "bitmask", "elias-fano-complement", "all", "none")
 
 
 def information_bound_bits(numel: int, nnz: int) -> float:
@@ -68,19 +72,26 @@ def codec_size(codec: str, numel: int, nnz: int) -> int:
             raise DiffpruneError("codec 'elias-fano' needs at least one position")
         _, low_bytes, _, high_bytes = _ef_sizes(numel, nnz)
         return low_bytes + high_bytes
+    if codec == "elias-fano-complement":
+        if nnz == numel:
+            raise DiffpruneError("codec 'elias-fano-complement' needs at least one position left out")
+        return codec_size("elias-fano", numel, numel - nnz)
     raise DiffpruneError(f"unknown position codec '{codec}' (known: {', '.join(CODECS)})")
 
 
 def choose_codec(numel: int, nnz: int) -> tuple[str, int]:
-    """The smallest codec for nnz positions out of numel and its size in bytes (ties go to Elias-Fano)."""
+    """The smallest codec for nnz positions out of numel and its size in bytes. Ties go to
+    Elias-Fano, then the bitmask (the order of CODECS), so files written before the complement
+    code existed are written the same way today."""
     if nnz < 0 or nnz > numel:
         raise DiffpruneError(f"cannot choose {nnz} positions out of {numel}")
     if nnz == 0:
         return "none", 0
     if nnz == numel:
         return "all", 0
-    ef, bm = codec_size("elias-fano", numel, nnz), codec_size("bitmask", numel, nnz)
-    return ("elias-fano", ef) if ef <= bm else ("bitmask", bm)
+    sizes = [(codec_size(c, numel, nnz), i, c) for i, c in enumerate(CODECS[:3])]
+    size, _, codec = min(sizes)
+    return codec, size
 
 
 def _check_positions(positions: np.ndarray, numel: int) -> np.ndarray:
@@ -107,6 +118,20 @@ def encode_positions(positions: np.ndarray, numel: int, *, codec: str | None = N
         mask = np.zeros(numel, dtype=np.uint8)
         mask[positions] = 1
         return codec, np.packbits(mask)
+    if codec == "elias-fano-complement":
+        return codec, _encode_elias_fano(_complement(positions, numel), numel)
+    return codec, _encode_elias_fano(positions, numel)
+
+
+def _complement(positions: np.ndarray, numel: int) -> np.ndarray:
+    """The sorted flat indices in [0, numel) that `positions` (sorted, unique, in range) leaves out."""
+    keep = np.ones(numel, dtype=bool)
+    keep[positions] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def _encode_elias_fano(positions: np.ndarray, numel: int) -> np.ndarray:
+    nnz = positions.size
     low_bits, _, high_bits, _ = _ef_sizes(numel, nnz)
     # Low parts: an (nnz, L) matrix of bits, MSB first, flattened and packed.
     shifts = np.arange(low_bits - 1, -1, -1, dtype=np.int64)
@@ -114,7 +139,7 @@ def encode_positions(positions: np.ndarray, numel: int, *, codec: str | None = N
     # High parts in unary: the i-th set bit sits at (p_i >> L) + i, so gaps count the increments.
     high = np.zeros(high_bits, dtype=np.uint8)
     high[(positions >> low_bits) + np.arange(nnz, dtype=np.int64)] = 1
-    return codec, np.concatenate([np.packbits(low.reshape(-1)), np.packbits(high)])
+    return np.concatenate([np.packbits(low.reshape(-1)), np.packbits(high)])
 
 
 def decode_positions(codec: str, data: np.ndarray, numel: int, nnz: int) -> np.ndarray:
@@ -138,18 +163,31 @@ def decode_positions(codec: str, data: np.ndarray, numel: int, nnz: int) -> np.n
         positions = np.flatnonzero(np.unpackbits(data)).astype(np.int64)
         if positions.size != nnz:
             raise DiffpruneError(f"bitmask has {positions.size} set bits, expected {nnz}")
-    else:
-        low_bits, low_bytes, high_bits, _ = _ef_sizes(numel, nnz)
-        pad = low_bytes * 8 - nnz * low_bits
-        if pad and data[low_bytes - 1] & ((1 << pad) - 1):
-            raise DiffpruneError("elias-fano low bits have set padding bits")
-        ones = np.flatnonzero(np.unpackbits(data[low_bytes:])).astype(np.int64)
-        if ones.size != nnz or ones[-1] >= high_bits:
-            raise DiffpruneError(f"elias-fano high bits do not hold {nnz} positions")
-        high = ones - np.arange(nnz, dtype=np.int64)
-        bits = np.unpackbits(data[:low_bytes], count=nnz * low_bits).reshape(nnz, low_bits).astype(np.int64)
-        weights = np.int64(1) << np.arange(low_bits - 1, -1, -1, dtype=np.int64)
-        positions = (high << low_bits) | (bits @ weights)
+        _check_decoded(codec, positions, numel)
+        return positions
+    if codec == "elias-fano-complement":
+        # The left-out positions are validated like any Elias-Fano code, so their complement is
+        # exactly nnz sorted unique indices: nothing more to check.
+        return _complement(_decode_elias_fano(data, numel, numel - nnz), numel)
+    return _decode_elias_fano(data, numel, nnz)
+
+
+def _decode_elias_fano(data: np.ndarray, numel: int, nnz: int) -> np.ndarray:
+    low_bits, low_bytes, high_bits, _ = _ef_sizes(numel, nnz)
+    pad = low_bytes * 8 - nnz * low_bits
+    if pad and data[low_bytes - 1] & ((1 << pad) - 1):
+        raise DiffpruneError("elias-fano low bits have set padding bits")
+    ones = np.flatnonzero(np.unpackbits(data[low_bytes:])).astype(np.int64)
+    if ones.size != nnz or ones[-1] >= high_bits:
+        raise DiffpruneError(f"elias-fano high bits do not hold {nnz} positions")
+    high = ones - np.arange(nnz, dtype=np.int64)
+    bits = np.unpackbits(data[:low_bytes], count=nnz * low_bits).reshape(nnz, low_bits).astype(np.int64)
+    weights = np.int64(1) << np.arange(low_bits - 1, -1, -1, dtype=np.int64)
+    positions = (high << low_bits) | (bits @ weights)
+    _check_decoded("elias-fano", positions, numel)
+    return positions
+
+
+def _check_decoded(codec: str, positions: np.ndarray, numel: int) -> None:
     if positions.size and (positions[-1] >= numel or np.any(positions[1:] <= positions[:-1])):
         raise DiffpruneError(f"decoded {codec} positions are not strictly increasing indices below {numel}")
-    return positions
