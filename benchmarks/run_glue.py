@@ -56,7 +56,20 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     # (on RTE, diff-struct's 0.1% mask stays near the majority class; see the study). Two seeds,
     # since RTE's 277 dev examples swing by about 3 points by seed.
     ("nonadaptive", {"budget": 0.001, **FP32}, [1, 2]),
+    # Adapting by pruning and the paper's comparisons: masks over the frozen pretrained weights.
+    # Each mask method trains 3 epochs under its evolving mask, then 1 epoch (a third of the
+    # task's epochs) of the head alone with the exact mask; head-only gets the same 4 epochs.
+    # Learning rates: the methods' default, 1e-3 (abp: scores and head; the others: the head).
+    ("abp", {"sparsity": 0.5}, [1, 2]),
+    ("head", {}, [1]),
+    ("magnitude", {"sparsity": 0.5}, [1]),
+    ("random-mask", {"sparsity": 0.5}, [1]),
+    ("abp", {"sparsity": 0.9}, [1]),
+    ("magnitude", {"sparsity": 0.9}, [1]),
+    ("random-mask", {"sparsity": 0.9}, [1]),
+    ("abp", {"sparsity": 0.2}, [1]),
 ]
+MASK_METHODS = {"abp", "magnitude", "random-mask"}
 MAIN = 4  # the first four variants form the first tier
 
 
@@ -64,7 +77,8 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
     plan = []
     for position, (method, options, seeds) in enumerate(VARIANTS):
         label = method + (f"@{options['budget']}" if "budget" in options else "") \
-            + (f"@r{options['lora_r']}" if "lora_r" in options else "")
+            + (f"@r{options['lora_r']}" if "lora_r" in options else "") \
+            + (f"@{options['sparsity']}" if "sparsity" in options else "")
         if method not in methods and label not in methods:
             continue
         for seed_index, seed in enumerate(seeds[:max_seeds]):
@@ -72,14 +86,18 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
                 tier = 3 if task == "SST-2" else (2 if seed_index else (0 if position < MAIN else 1))
                 config = {**COMMON, **options, "task": task, "method": method, "seed": seed}
                 config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
+                if method in MASK_METHODS:  # the last phase: the head alone, with the exact mask
+                    config["head_epochs"] = round(config["epochs"] / 3, 4)
+                elif method == "head":  # as many epochs of head training as the mask methods have
+                    config["epochs"] = round(config["epochs"] * 4 / 3, 4)
                 plan.append(((tier, tasks.index(task), position), config))
     return [config for _, config in sorted(plan, key=lambda item: item[0])]
 
 
 def run_name(config: dict) -> str:
-    budget, rank = config.get("budget"), config.get("lora_r", 8)
+    budget, rank, sparsity = config.get("budget"), config.get("lora_r", 8), config.get("sparsity")
     return (f"{config['task']}-{config['method']}" + (f"-b{budget}" if budget else "")
-            + (f"-r{rank}" if rank != 8 else "") + f"-s{config['seed']}")
+            + (f"-r{rank}" if rank != 8 else "") + (f"-sp{sparsity}" if sparsity else "") + f"-s{config['seed']}")
 
 
 def recorded() -> dict[str, dict]:
@@ -127,6 +145,7 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "task": run["task"],
         "method": run["method"],
         "budget": run.get("budget"),
+        "sparsity": config.get("sparsity"),
         "seed": config["seed"],
         "metric": run["metric"],
         "score": run["score"],
@@ -140,7 +159,8 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "evals": run["evals"],
         # the weights a user keeps for this task: patch, adapter or full model file(s)
         "artifact_bytes": sum(size for file, size in run["files"].items() if file.endswith(".safetensors")),
-        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density") if k in run},
+        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density", "reached_at_step", "tensor_sparsity")
+           if k in run},
     }
 
 

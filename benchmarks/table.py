@@ -14,7 +14,8 @@ TASK_ORDER = ["RTE", "MRPC", "STS-B", "SST-2", "CoLA", "QNLI", "QQP", "MNLI", "W
 
 def _label(r: dict) -> str:
     rank = r.get("settings", {}).get("lora_r")
-    return r["method"] + (f" @{r['budget']:g}" if r.get("budget") else "") + (f" r{rank}" if rank else "")
+    return (r["method"] + (f" @{r['budget']:g}" if r.get("budget") else "") + (f" r{rank}" if rank else "")
+            + (f" s{r['sparsity']:g}" if r.get("sparsity") else ""))
 
 
 def render(records: list[dict]) -> str:

@@ -69,3 +69,42 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
         [sys.executable, "-m", "diffprune", *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
     )
+
+
+# -- training in process, and the logits it ends with ------------------------------------------
+def train_in_process(output: Path, model: str, method: str, options: dict | None = None, **settings):
+    """Train on the MRPC fixtures in process (24 examples, batch 8: three steps per epoch);
+    returns the record and the final dev logits of the trained model."""
+    from diffprune import api
+    from diffprune.training.settings import TrainSettings
+
+    values = dict(task="MRPC", method=method, model=model, data_dir=str(GLUE_FIXTURES), output=str(output),
+                  epochs=1, batch_size=8, max_train_samples=24, max_eval_samples=16, log_every=1)
+    values.update(settings)
+    with LogitSpy() as spy:
+        record = api.train(TrainSettings(**values), options or {})
+    return record, spy.last
+
+
+class LogitSpy:
+    """Records the logits of every api.predict_logits call (the last one is the final dev pass)."""
+
+    def __enter__(self):
+        from diffprune import api
+
+        self.api, self.calls, self._original = api, [], api.predict_logits
+
+        def spy(*args, **kwargs):
+            logits = self._original(*args, **kwargs)
+            self.calls.append(logits)
+            return logits
+
+        api.predict_logits = spy
+        return self
+
+    def __exit__(self, *exc):
+        self.api.predict_logits = self._original
+
+    @property
+    def last(self):
+        return self.calls[-1]

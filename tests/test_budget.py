@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from diffprune.errors import DiffpruneError
-from diffprune.methods.diff.budget import (
-    DensityController,
-    LogitTrend,
-    _apportion,
-    budget_count,
-    keep_largest,
-    project,
-    top_k,
-)
+from diffprune.methods.diff.trend import LogitTrend
+from diffprune.pruning.schedule import DensityController
+from diffprune.pruning.topk import apportion as _apportion
+from diffprune.pruning.topk import budget_count, keep_largest, top_k, top_positions
+
+
+def project(deltas, k, scope):
+    """Diff pruning's projection with plain |delta| as the score."""
+    return top_positions([d.abs() for d in deltas], k, scope)
 
 
 def _reference_top_k(values: list[float], k: int) -> list[int]:
@@ -124,7 +124,7 @@ def test_project_per_tensor_proportional_shares():
 
 
 def test_project_unknown_scope():
-    with pytest.raises(DiffpruneError, match="budget scope"):
+    with pytest.raises(DiffpruneError, match="unknown scope"):
         project(_deltas(), 3, "per-layer")
 
 

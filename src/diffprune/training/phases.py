@@ -42,6 +42,12 @@ class Phase:
     # Named values that are not losses (e.g. the expected density), logged with the loss terms.
     metrics: Callable[[], dict[str, float]] | None = None
     keep_best: bool = True
+    # Ends the phase before its last step once true (checked after every step, and before the
+    # first one of a resumed phase): a function of the trained state, so a resume agrees.
+    stop_when: Callable[[], bool] | None = None
+
+    def stopped(self) -> bool:
+        return self.stop_when is not None and self.stop_when()
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.max_steps is not None:

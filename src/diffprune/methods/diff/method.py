@@ -20,13 +20,14 @@ from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape, prob_nonzero
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
-from diffprune.methods.diff.budget import budget_count, budget_fraction, cubic_schedule, keep_largest, project
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.diff.options import DiffOptions, NonAdaptiveOptions, PatchOptions
 from diffprune.methods.diff.steering import DensitySteering
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
 from diffprune.patch.taskpatch import VALUE_DTYPES
+from diffprune.pruning.schedule import cubic_schedule
+from diffprune.pruning.topk import budget_count, budget_fraction, keep_largest, top_positions
 from diffprune.training.phases import ParamGroup, Phase, decay_split
 from diffprune.training.settings import TrainSettings
 
@@ -129,7 +130,7 @@ class _DiffBase(Method):
             model.train()
             flat = torch.cat([d.reshape(-1) for d in deltas])
             model.learned_density.fill_(flat.count_nonzero().item() / flat.numel())
-            positions = project(projection_scores(model, deltas), self.k, c.budget_scope)
+            positions = top_positions(projection_scores(model, deltas), self.k, c.budget_scope)
             start = flat if c.fixed_init == "projected" else torch.cat([w.detach().reshape(-1) for w in model.w])
             model.fix(positions, start[positions])
             if dist.is_available() and dist.is_initialized():

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape
+from diffprune.pruning.schedule import begin_option, check_span, reach_option
+from diffprune.pruning.topk import SCOPES, budget_option, check_budget, scope_option
 from diffprune.training.settings import option
 
 
@@ -13,8 +15,8 @@ from diffprune.training.settings import option
 class PatchOptions:
     """What every diff method shares: the budget, the diffed tensors, the fixed-mask phase, the file."""
 
-    budget: float = option(0.005, "Entries the patch keeps: a fraction of the base parameters, or a count if >= 1.")
-    budget_scope: str = option("global", "Projection threshold: global (the paper) or per-tensor (same fraction each).")
+    budget: float = budget_option()
+    budget_scope: str = scope_option()
     budget_counts_head: bool = option(False, "Count the dense head inside the budget (the reference code's choice).")
     fixed_init: str = option("projected", "Fixed-mask start: projected (the paper's delta) or w (the reference code).")
     fixed_epochs: float | None = option(
@@ -30,7 +32,7 @@ class PatchOptions:
     patch_dtype: str = option("float16", "Stored value type of the patch: float32, float16 or bfloat16.")
 
     CHOICES = {
-        "budget_scope": ("global", "per-tensor"),
+        "budget_scope": SCOPES,
         "fixed_init": ("projected", "w"),
         "patch_dtype": ("float32", "float16", "bfloat16"),
     }
@@ -40,6 +42,7 @@ class PatchOptions:
             if getattr(self, name) not in allowed:
                 flag = "--" + name.replace("_", "-")
                 raise DiffpruneError(f"{flag} must be one of {', '.join(allowed)}, not '{getattr(self, name)}'")
+        check_budget(self.budget)  # here, so a bad budget is refused before the model loads
         if self.fixed_lr is not None and self.fixed_lr <= 0:
             raise DiffpruneError("--fixed-lr must be positive")
         if self.fixed_epochs is not None and self.fixed_epochs < 0:
@@ -55,15 +58,14 @@ class NonAdaptiveOptions(PatchOptions):
         "end) or gradual (the diff's smallest entries zeroed after every step, its density falling on a cubic "
         "schedule to the budget; Zhu and Gupta 2017)."
     )
-    prune_begin: float = option(0.25, "--prune gradual: fraction of the finetuning phase before the first cut.")
-    prune_reach: float = option(0.75, "--prune gradual: fraction of the finetuning phase by which it is at the budget.")
+    prune_begin: float = begin_option()
+    prune_reach: float = reach_option()
 
     CHOICES = {**PatchOptions.CHOICES, "prune": ("one-shot", "gradual")}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.prune_begin < self.prune_reach <= 1:
-            raise DiffpruneError("need 0 <= --prune-begin < --prune-reach <= 1")
+        check_span(self.prune_begin, self.prune_reach)
 
 
 @dataclass

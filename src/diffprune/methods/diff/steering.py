@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from diffprune.gates import prob_nonzero
-from diffprune.methods.diff.budget import DensityController, LogitTrend
+from diffprune.methods.diff.trend import LogitTrend
+from diffprune.pruning.schedule import DensityController
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.diff.options import DiffOptions
 
