@@ -2,9 +2,9 @@
 
 For each trained fp32 patch given (default: every benchmarks/runs/*/patch.safetensors of a diff
 method), write fp32 / fp16 / bf16 copies, compare each file's bytes with the information bound
-(log2 C(d, k) bits for the positions + 16 bits per value) and score each copy on the dev set, so
-that "fp16 loses nothing" is measured, not assumed. Then time apply + revert of the patch on the
-packaged model (median of --repeats) and check that revert restores the base bit for bit.
+(`bound_bytes`: log2 C(n, k) bits for each kind's positions + 16 bits per stored value) and
+score each copy on the dev set, so that "fp16 loses nothing" is measured, not assumed. Then time
+apply + revert of the patch on the packaged model (median of --repeats) and check that revert restores the base bit for bit.
 Appends {"kind": "storage", ...} records to results/storage.jsonl.
 
     python benchmarks/storage.py --data-dir ../shared/data/glue
@@ -22,15 +22,30 @@ from pathlib import Path
 import torch
 
 from diffprune.api import evaluate_patch
-from diffprune.patch import TaskPatch, information_bound_bits
+from diffprune.patch import ADD, KINDS, MASK, TaskPatch, information_bound_bits
 from diffprune.patch.ops import base_for
 
 HERE = Path(__file__).resolve().parent
 
 
-def bound_bytes(patch: TaskPatch) -> float:
-    d = int(patch.meta["base_params"])
-    return (information_bound_bits(d, patch.nnz) + 16 * patch.nnz) / 8
+def bound_bytes(patch: TaskPatch, value_bits: int = 16) -> float:
+    """The fewest bytes any code can store the patch's changes in (the head and header aside),
+    summed over the kinds: log2 C(n, k) bits for the k positions of a kind, plus `value_bits`
+    per value for "add" and "sparse" ("mask" stores none).
+
+    n is where the kind's positions could be: for "add" anywhere in the base (`base_params`, as
+    the records before the kinds were measured); for "mask" and "sparse" the entries of the
+    tensors of that kind, since a method masks or prunes a chosen scope of tensors (naming them
+    is a few table bytes), and the positions are a choice among those tensors' entries only."""
+    bits = 0.0
+    for kind in KINDS:
+        tensors = [d for d in patch.diffs.values() if d.kind == kind]
+        k = sum(d.nnz for d in tensors)
+        if not tensors:
+            continue
+        n = int(patch.meta["base_params"]) if kind == ADD else sum(d.numel for d in tensors)
+        bits += information_bound_bits(n, k) + (value_bits * k if kind != MASK else 0)
+    return bits / 8
 
 
 def time_apply_revert(patch: TaskPatch, repeats: int) -> tuple[float, float, bool]:
@@ -39,7 +54,7 @@ def time_apply_revert(patch: TaskPatch, repeats: int) -> tuple[float, float, boo
     apply_t, revert_t = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        applied = patch.apply(base.model, base.fingerprint)
+        applied = patch.apply(base)
         t1 = time.perf_counter()
         applied.revert()
         t2 = time.perf_counter()
@@ -62,7 +77,8 @@ def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
     lora = _lora_adapter_bytes(patch.meta.get("task"))
     return {
         "kind": "storage", "patch": path.parent.name, "task": patch.meta.get("task"),
-        "method": patch.meta.get("method"), "nnz": patch.nnz, "base_params": patch.meta["base_params"],
+        "method": patch.meta.get("method"), "nnz": patch.nnz, "nnz_by_kind": patch.nnz_by_kind,
+        "base_params": patch.meta["base_params"],
         "bound_bytes": round(bound), "bytes": sizes, "bytes_over_bound_fp16": round(sizes["float16"] / bound, 4),
         "dev_score": scores, "fp16_minus_fp32": scores["float16"] - scores["float32"],
         "apply_ms": round(apply_ms, 3), "revert_ms": round(revert_ms, 3),

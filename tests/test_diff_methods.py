@@ -110,7 +110,7 @@ def _dev_with_patch(patch: TaskPatch, model: str, max_eval_samples: int | None =
     """A freshly loaded base, patched: (dev metrics, dev logits, the base, its state before, the applied patch)."""
     base = base_for(patch, model)
     before = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-    applied = patch.apply(base.model, base.fingerprint)
+    applied = patch.apply(base)
     spec = get_task("MRPC")
     data = api.load_task_data(spec, base, TrainSettings(task="MRPC", data_dir=GLUE, max_eval_samples=max_eval_samples),
                               with_train=False)
@@ -519,7 +519,7 @@ def test_patch_refused_on_another_base(run, other_tiny, tiny_model):
     assert other.fingerprint != record["fingerprint"]
     before = {k: v.clone() for k, v in other.model.state_dict().items()}
     with pytest.raises(DiffpruneError) as error:
-        patch.apply(other.model, other.fingerprint)
+        patch.apply(other)
     message = str(error.value)
     assert record["fingerprint"] in message and other.fingerprint in message and "\n" not in message
     assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())

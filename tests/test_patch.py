@@ -110,7 +110,7 @@ def test_apply_matches_direct_weights_and_reverts_bit_for_bit(base):
     with torch.no_grad():
         for name, p in direct.named_parameters():
             p.add_(dense[name]) if name in dense else p.copy_(head[name])
-    applied = patch.apply(base.model, base.fingerprint)
+    applied = patch.apply(base)
     assert torch.equal(_logits(base.model), _logits(direct))
     assert not torch.equal(_logits(base.model), base_logits)
     applied.revert()
@@ -118,7 +118,7 @@ def test_apply_matches_direct_weights_and_reverts_bit_for_bit(base):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(DiffpruneError, match="already been reverted"):
         applied.revert()
-    with patch.apply(base.model, base.fingerprint):  # the context-manager form reverts on exit
+    with patch.apply(base):  # the context-manager form reverts on exit
         assert not torch.equal(_logits(base.model), base_logits)
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
 
@@ -126,17 +126,20 @@ def test_apply_matches_direct_weights_and_reverts_bit_for_bit(base):
 def test_loaded_patch_applies_like_the_original(base, tmp_path):
     patch, _, _ = _random_patch(base)
     patch.save(tmp_path / "p.safetensors", value_dtype="float32")
-    with patch.apply(base.model, base.fingerprint):
+    with patch.apply(base):
         expected = _logits(base.model)
-    with TaskPatch.load(tmp_path / "p.safetensors").apply(base.model, base.fingerprint):
+    with TaskPatch.load(tmp_path / "p.safetensors").apply(base):
         assert torch.equal(_logits(base.model), expected)
 
 
 def test_wrong_fingerprint_names_both(base):
-    patch, _, _ = _random_patch(base)
-    with pytest.raises(DiffpruneError) as e:
-        patch.apply(base.model, "sha256:other")
-    assert base.fingerprint in str(e.value) and "sha256:other" in str(e.value)
+    patch, _, _ = _random_patch(base, fingerprint="sha256:other")
+    before = _state(base.model)
+    for target in (base, base.model):
+        with pytest.raises(DiffpruneError) as e:
+            patch.apply(target)
+        assert base.fingerprint in str(e.value) and "sha256:other" in str(e.value) and "\n" not in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
 
 
 def test_shape_mismatch_refused(base, tiny_dir):
@@ -145,16 +148,16 @@ def test_shape_mismatch_refused(base, tiny_dir):
     assert three.fingerprint == base.fingerprint  # same base, different head
     before = _state(three.model)
     with pytest.raises(DiffpruneError, match="classifier.weight"):
-        patch.apply(three.model, three.fingerprint)
+        patch.apply(three)
     assert all(torch.equal(before[k], v) for k, v in three.model.state_dict().items())  # untouched
     bad = TaskPatch({"bert.pooler.dense.bias": SparseDiff((33,), torch.tensor([1]), torch.tensor([1.0]))}, {},
                     {"fingerprint": base.fingerprint})
     with pytest.raises(DiffpruneError, match=r"bert.pooler.dense.bias.*\(33,\).*\(32,\)"):
-        bad.apply(base.model, base.fingerprint)
+        bad.apply(base)
     missing = TaskPatch({"nope.weight": SparseDiff((2,), torch.tensor([1]), torch.tensor([1.0]))}, {},
                         {"fingerprint": base.fingerprint})
     with pytest.raises(DiffpruneError, match="nope.weight"):
-        missing.apply(base.model, base.fingerprint)
+        missing.apply(base)
 
 
 def test_bad_patches_refused(base, tmp_path):
@@ -172,10 +175,27 @@ def test_bad_patches_refused(base, tmp_path):
     assert not (tmp_path / "big.safetensors").exists()
 
 
-def test_corrupt_files_refused(base, tmp_path):
+def _contents(path):
     from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _resave(path, metadata, tensors, redigest=True):
+    """Write a patch file as diffprune would, but from edited contents; with `redigest` the digest
+    is recomputed, so that the checks behind it are what refuses the edit."""
     from safetensors.torch import save_file
 
+    from diffprune.patch.format import digest
+
+    if redigest:
+        metadata = {**metadata, "digest": digest(metadata, tensors)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_corrupt_files_refused(base, tmp_path):
     patch, _, _ = _random_patch(base)
     good = tmp_path / "good.safetensors"
     patch.save(good)
@@ -183,21 +203,29 @@ def test_corrupt_files_refused(base, tmp_path):
     cases = {"half.safetensors": raw[: len(raw) // 2], "garbage.safetensors": np.random.bytes(4096), "empty.safetensors": b""}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-    with safe_open(str(good), framework="pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    metadata, tensors = _contents(good)
     table = json.loads(metadata["tensors"])
     table[0][2] += 1  # one more nnz than the positions hold
-    save_file(tensors, str(tmp_path / "table.safetensors"), metadata={**metadata, "tensors": json.dumps(table)})
-    save_file(tensors, str(tmp_path / "format.safetensors"), metadata={**metadata, "format": "pt"})
-    save_file({**tensors, "values": tensors["values"][:-1].clone()}, str(tmp_path / "values.safetensors"), metadata=metadata)
-    save_file(tensors, str(tmp_path / "version.safetensors"), metadata={**metadata, "format_version": "9"})
     nan = tensors["values"].clone()
     nan[0] = float("nan")
-    save_file({**tensors, "values": nan}, str(tmp_path / "nan.safetensors"), metadata=metadata)
     meta = {**json.loads(metadata["meta"]), "base_params": "many"}
-    save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={**metadata, "meta": json.dumps(meta)})
-    for name in [*cases, "table.safetensors", "format.safetensors", "values.safetensors", "version.safetensors",
-                 "nan.safetensors", "meta.safetensors"]:
+    # Each edit with its digest recomputed: the check behind the digest refuses it, with this reason.
+    edits = {
+        "table": ({**metadata, "tensors": json.dumps(table)}, tensors, "positions of"),
+        "format": ({**metadata, "format": "pt"}, tensors, "format is 'pt'"),
+        "values": (metadata, {**tensors, "values": tensors["values"][:-1].clone()}, "the values end before"),
+        "version": ({**metadata, "format_version": "9"}, tensors, "format version '9'"),
+        "nan": (metadata, {**tensors, "values": nan}, "not finite"),
+        "meta": ({**metadata, "meta": json.dumps(meta)}, tensors, "base_params"),
+        "dtype": (metadata, {**tensors, "values": tensors["values"].view(torch.bfloat16)}, "bfloat16 but its header"),
+        "no-digest": ({k: v for k, v in metadata.items() if k != "digest"}, tensors, "no digest"),
+        "stray": (metadata, {**tensors, "extra": torch.zeros(2)}, "unexpected tensor 'extra'"),
+    }
+    for name, (md, ts, reason) in edits.items():
+        path = _resave(tmp_path / f"{name}.safetensors", md, ts, redigest=name != "no-digest")
+        with pytest.raises(DiffpruneError, match=reason):
+            TaskPatch.load(path)
+    for name in [*cases, *(f"{n}.safetensors" for n in edits)]:
         with pytest.raises(DiffpruneError) as e:
             TaskPatch.load(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)
@@ -205,10 +233,83 @@ def test_corrupt_files_refused(base, tmp_path):
         TaskPatch.load(tmp_path / "missing.safetensors")
 
     # a bitmask row with no entries is valid (an empty mask decodes to nothing) and must not crash
-    rows = [["extra.bias", [32], 0, "bitmask", 0, 4]] + [[*r[:4], r[4] + 4, r[5]] for r in json.loads(metadata["tensors"])]
-    save_file({**tensors, "positions": torch.cat([torch.zeros(4, dtype=torch.uint8), tensors["positions"]])},
-              str(tmp_path / "empty-row.safetensors"), metadata={**metadata, "tensors": json.dumps(rows)})
+    rows = [["extra.bias", [32], 0, "bitmask", 0, 4, "add"]]
+    rows += [[*r[:4], r[4] + 4, *r[5:]] for r in json.loads(metadata["tensors"])]
+    positions = torch.cat([torch.zeros(4, dtype=torch.uint8), tensors["positions"]])
+    _resave(tmp_path / "empty-row.safetensors", {**metadata, "tensors": json.dumps(rows)}, {**tensors, "positions": positions})
     assert TaskPatch.load(tmp_path / "empty-row.safetensors").diffs["extra.bias"].nnz == 0
+
+
+def test_digest_refuses_any_changed_byte_and_header_edit(base, tmp_path):
+    patch, _, _ = _random_patch(base)
+    good = tmp_path / "good.safetensors"
+    patch.save(good)
+    raw = bytearray(good.read_bytes())
+    raw[-3] ^= 0x01  # the last tensor's bytes: a head entry or a value, each a valid number
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    metadata, tensors = _contents(good)
+    table = json.loads(metadata["tensors"])
+    same = [i for i, r in enumerate(table) if r[1] == table[-1][1]]
+    table[same[0]][0], table[same[-1]][0] = table[same[-1]][0], table[same[0]][0]  # two tensors of one shape swapped
+    head = sorted(k for k in tensors if k.startswith("head."))[0]
+    edits = {
+        "swapped": ({**metadata, "tensors": json.dumps(table)}, tensors),
+        "bf16": (metadata, {**tensors, "values": tensors["values"].view(torch.bfloat16)}),
+        "no-head": (metadata, {k: v for k, v in tensors.items() if k != head}),
+        "kind": ({**metadata, "tensors": metadata["tensors"].replace('"add"]', '"sparse"]', 1)}, tensors),
+    }
+    assert len(same) > 1 and edits["kind"][0]["tensors"] != metadata["tensors"]
+    for name, (md, ts) in edits.items():
+        _resave(tmp_path / f"{name}.safetensors", md, ts, redigest=False)
+    for name in ["flipped", *edits]:
+        with pytest.raises(DiffpruneError, match="do not match the digest recorded in it: the file was changed or damaged"):
+            TaskPatch.load(tmp_path / f"{name}.safetensors")
+
+
+def test_unknown_kind_is_a_one_line_error(base, tmp_path):
+    patch, _, _ = _random_patch(base)
+    patch.save(tmp_path / "p.safetensors")
+    metadata, tensors = _contents(tmp_path / "p.safetensors")
+    table = json.loads(metadata["tensors"])
+    table[0][6] = "replace"
+    _resave(tmp_path / "kind.safetensors", {**metadata, "tensors": json.dumps(table)}, tensors)
+    with pytest.raises(DiffpruneError, match=r"unknown patch kind 'replace' \(this diffprune knows add, mask, sparse\)"):
+        TaskPatch.load(tmp_path / "kind.safetensors")
+    with pytest.raises(DiffpruneError, match="unknown patch kind"):
+        SparseDiff((2,), torch.tensor([0]), torch.ones(1), kind="replace")
+
+
+def test_version_1_file_loads_and_applies(base, tmp_path):
+    """A file as diffprune 0.1 wrote it (format version 1: rows of six fields, no digest, every
+    change added) still loads, and applies like the patch it holds."""
+    from safetensors.torch import save_file
+
+    from diffprune.patch.codec import encode_positions
+
+    patch, _, _ = _random_patch(base)
+    table, blobs, offset = [], [], 0
+    for name, d in patch.diffs.items():
+        codec, data = encode_positions(d.positions.numpy(), d.numel)
+        table.append([name, list(d.shape), d.nnz, codec, offset, int(data.size)])
+        blobs.append(data)
+        offset += data.size
+    tensors = {"positions": torch.from_numpy(np.concatenate(blobs)),
+               "values": torch.cat([d.values for d in patch.diffs.values()]).to(torch.float16)}
+    tensors.update({f"head.{n}": t for n, t in patch.head.items()})
+    metadata = {"format": "diffprune.patch", "format_version": "1", "tensors": json.dumps(table),
+                "meta": json.dumps(patch.meta)}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
+    loaded = TaskPatch.load(tmp_path / "v1.safetensors")
+    assert loaded.info()["value_dtype"] == "float16" and loaded.nnz_by_kind == {"add": patch.nnz, "mask": 0, "sparse": 0}
+    patch.save(tmp_path / "v2.safetensors")  # float16 values too: the same numbers
+    with TaskPatch.load(tmp_path / "v2.safetensors").apply(base):
+        expected = _state(base.model)
+    with loaded.apply(base):
+        assert all(torch.equal(expected[k], v) for k, v in base.model.state_dict().items())
+    # A version-1 header on a file that carries a digest is a damaged version-2 file.
+    save_file(tensors, str(tmp_path / "v1-digest.safetensors"), metadata={**metadata, "digest": "sha256:0"})
+    with pytest.raises(DiffpruneError, match="says format version 1"):
+        TaskPatch.load(tmp_path / "v1-digest.safetensors")
 
 
 def test_export_loads_with_transformers(base, tmp_path):
@@ -216,7 +317,7 @@ def test_export_loads_with_transformers(base, tmp_path):
 
     patch, _, _ = _random_patch(base, labels=["neg", "pos"], num_labels=2)
     before = _state(base.model)
-    with patch.apply(base.model, base.fingerprint):
+    with patch.apply(base):
         expected = _logits(base.model)
     out = export_model(patch, base, tmp_path / "export")
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())  # reverted
@@ -281,7 +382,7 @@ def test_packaged_model_half_percent_patch(tmp_path):
     assert size * 8 <= 1.1 * bound_bits, (size, bound_bits / 8)
     loaded = TaskPatch.load(tmp_path / "p.safetensors")
     before = _state(base.model)
-    applied = loaded.apply(base.model, base.fingerprint)
+    applied = loaded.apply(base)
     changed = base.model.state_dict()
     assert not all(torch.equal(before[k], changed[k]) for k in before)
     applied.revert()
@@ -305,3 +406,219 @@ def test_plot_panels_get_distinct_titles(base):
     assert panel_labels(["a", "b"], [mrpc, sts]) == ["MRPC (diff)", "STS-B (diff)"]
     assert panel_labels(["s1/patch", "s2/patch"], [mrpc, mrpc]) == ["s1/patch", "s2/patch"]  # two seeds
     assert panel_labels(["a", "a"], [mrpc, mrpc]) == ["a", "a [2]"]  # one file twice: two panels, not one
+
+
+# -- the kinds of change: add, mask, sparse -----------------------------------------------------
+MASKED, PRUNED = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.intermediate.dense.weight"
+
+
+def _kind_patch(base, kind, seed=0):
+    """A patch of one kind (or "mixed": a mask, a sparse tensor and added diffs elsewhere) and the
+    state the model must have once it is applied, computed here without the patch code."""
+    g = torch.Generator().manual_seed(seed)
+    params = {n: p.detach().clone() for n, p in base.base_parameters().items()}
+    head = {n: torch.randn(p.shape, generator=g) for n, p in base.head_parameters().items()}
+    meta = {"base": base.name, "fingerprint": base.fingerprint, "task": "toy", "method": kind,
+            "base_params": base.num_base_params}
+    expected = {**params, **head}
+    off = torch.rand(params[MASKED].shape, generator=g) < 0.9  # a mask at 90% sparsity
+    pruned = params[PRUNED] * (torch.rand(params[PRUNED].shape, generator=g) < 0.3) + 0.01
+    if kind == "mask":
+        expected[MASKED] = params[MASKED].masked_fill(off, 0)
+        return TaskPatch.from_masks({MASKED: off}, head, meta), expected
+    if kind == "sparse":
+        pruned[0] = 0  # a whole row pruned
+        expected[PRUNED] = pruned
+        return TaskPatch.from_sparse_tensors({PRUNED: pruned}, head, meta), expected
+    patch, dense, _ = _random_patch(base, seed=seed)
+    for name, d in dense.items():
+        expected[name] = params[name] + d
+    if kind == "add":
+        return TaskPatch(patch.diffs, head, meta), expected
+    expected[MASKED], expected[PRUNED] = params[MASKED].masked_fill(off, 0), pruned
+    diffs = {**patch.diffs, MASKED: SparseDiff.from_mask(off), PRUNED: SparseDiff.from_sparse(pruned)}
+    return TaskPatch(diffs, head, meta), expected
+
+
+def _assert_state(model, expected):
+    state = dict(model.named_parameters())
+    assert set(state) == set(expected)
+    for name, t in expected.items():
+        assert torch.equal(state[name].detach(), t), name
+
+
+@pytest.mark.parametrize("kind", ["add", "mask", "sparse", "mixed"])
+def test_every_kind_applies_reverts_and_round_trips(base, tmp_path, kind):
+    patch, expected = _kind_patch(base, kind)
+    before = _state(base.model)
+    base_logits = _logits(base.model)
+    with patch.apply(base):
+        _assert_state(base.model, expected)
+        assert not torch.equal(_logits(base.model), base_logits)
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())  # bit for bit
+    patch.save(tmp_path / "p.safetensors", value_dtype="float32")
+    loaded = TaskPatch.load(tmp_path / "p.safetensors")
+    assert {n: d.kind for n, d in loaded.diffs.items()} == {n: d.kind for n, d in patch.diffs.items()}
+    with loaded.apply(base):
+        _assert_state(base.model, expected)
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+
+
+def test_kind_constructors(base):
+    off = torch.zeros(4, 3, dtype=torch.bool)
+    off[1, 2] = off[3, 0] = True
+    mask = SparseDiff.from_mask(off)
+    assert (mask.kind, mask.positions.tolist(), mask.values.dtype, mask.values.numel()) == ("mask", [5, 9], torch.float32, 0)
+    assert torch.equal(mask.to_dense(), off)
+    assert SparseDiff((4, 3), [5, 9], kind="mask").positions.tolist() == [5, 9]  # values may be left out
+    sparse = SparseDiff.from_sparse(torch.tensor([[0.0, 2.0], [-0.0, -1.5]]))
+    assert (sparse.kind, sparse.positions.tolist(), sparse.values.tolist()) == ("sparse", [1, 3], [2.0, -1.5])
+    assert torch.equal(sparse.to_dense(), torch.tensor([[0.0, 2.0], [0.0, -1.5]]))
+    with pytest.raises(DiffpruneError, match="bool tensor"):
+        SparseDiff.from_mask(torch.ones(3))
+    with pytest.raises(DiffpruneError, match="needs values"):
+        SparseDiff((3,), [1], kind="sparse")
+    with pytest.raises(DiffpruneError, match="'mask' change of 'a' has 1 positions but 1 values"):
+        TaskPatch({"a": SparseDiff((3,), [1], torch.ones(1), kind="mask")}, {}, {"fingerprint": "x"})
+    # Nothing switched off is no change and is left out; an all-zero sparse tensor replaces its base tensor.
+    meta = {"fingerprint": base.fingerprint}
+    assert TaskPatch.from_masks({MASKED: torch.zeros(32, 32, dtype=torch.bool)}, {}, meta).diffs == {}
+    empty = TaskPatch.from_sparse_tensors({"bert.pooler.dense.bias": torch.zeros(32)}, {}, meta)
+    assert empty.diffs["bert.pooler.dense.bias"].nnz == 0 and empty.meta["base_params"] == 32
+    with pytest.raises(DiffpruneError, match="is a 'mask' change"):
+        TaskPatch.from_masks({MASKED: off.new_ones(32, 32)}, {}, meta).dense_diff(MASKED)
+
+
+def test_info_counts_per_kind(base, tmp_path):
+    patch, _ = _kind_patch(base, "mixed")
+    info = patch.info()
+    masked, pruned = patch.diffs[MASKED].nnz, patch.diffs[PRUNED].nnz
+    assert info["nnz_by_kind"] == {"add": patch.nnz - masked - pruned, "mask": masked, "sparse": pruned}
+    assert info["tensors_by_kind"] == {"add": len(patch.diffs) - 2, "mask": 1, "sparse": 1}
+    rows = {t["name"]: t for t in info["tensors"]}
+    assert (rows[MASKED]["kind"], rows[MASKED]["nnz"], rows[MASKED]["codec"]) == ("mask", masked, "elias-fano-complement")
+    assert rows[PRUNED]["kind"] == "sparse" and {r["kind"] for r in rows.values()} == {"add", "mask", "sparse"}
+    size = patch.save(tmp_path / "p.safetensors")
+    loaded = TaskPatch.load(tmp_path / "p.safetensors").info()
+    assert loaded["nnz_by_kind"] == info["nnz_by_kind"] and loaded["bytes"] == size
+
+
+def test_export_writes_every_kind(base, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    patch, expected = _kind_patch(base, "mixed")
+    out = export_model(patch, base, tmp_path / "export")
+    exported = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    _assert_state(exported, expected)  # zeros where switched off or pruned
+    with patch.apply(base):
+        assert torch.equal(_logits(exported), _logits(base.model))
+
+
+def test_storage_bound_per_kind(base):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from storage import bound_bytes
+
+    patch, _ = _kind_patch(base, "mixed")
+    n = base.num_base_params
+    k = patch.nnz_by_kind
+    masked, pruned = (patch.diffs[name].numel for name in (MASKED, PRUNED))
+    expected_bits = (information_bound_bits(n, k["add"]) + 16 * k["add"]  # positions anywhere + fp16 values
+                     + information_bound_bits(masked, k["mask"])  # positions only
+                     + information_bound_bits(pruned, k["sparse"]) + 16 * k["sparse"])
+    assert bound_bytes(patch) == pytest.approx(expected_bits / 8)
+    assert bound_bytes(patch, value_bits=32) == pytest.approx((expected_bits + 16 * (k["add"] + k["sparse"])) / 8)
+    mask_only, _ = _kind_patch(base, "mask")
+    assert bound_bytes(mask_only) == pytest.approx(information_bound_bits(masked, k["mask"]) / 8)
+
+
+# -- apply verifies the model it is given --------------------------------------------------------
+def test_a_patch_already_applied_is_refused(base):
+    first, _, _ = _random_patch(base, seed=1)
+    second, _ = _kind_patch(base, "mask")
+    head_only = TaskPatch({}, first.head, first.meta)
+    before = _state(base.model)
+    for patch in (first, head_only):
+        applied = patch.apply(base)
+        for again in (first, second, head_only):
+            with pytest.raises(DiffpruneError, match="applied before and not reverted") as e:
+                again.apply(base)
+            assert "\n" not in str(e.value)
+        applied.revert()
+    # Changed since (so not exactly as the apply left it), the model is refused by its fingerprint.
+    applied = first.apply(base)
+    with torch.no_grad():
+        base.model.classifier.bias.add_(1.0)
+    with pytest.raises(DiffpruneError, match=r"is a patch already applied to it\?"):
+        second.apply(base.model)
+    applied.revert()
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+    with second.apply(base):  # reverted: free again
+        pass
+
+
+def test_apply_onto_a_plain_module(base):
+    patch, expected = _kind_patch(base, "mixed")
+    with patch.apply(base.model):
+        _assert_state(base.model, expected)
+    with pytest.raises(DiffpruneError, match="BaseModel or a torch module, not a str"):
+        patch.apply("model")
+
+
+def test_the_head_must_be_the_models_head(base):
+    patch, _, _ = _random_patch(base)
+    before = _state(base.model)
+    frozen = "bert.embeddings.LayerNorm.bias"
+    diffs = {n: d for n, d in patch.diffs.items() if n != frozen}
+    missing = TaskPatch(diffs, {n: t for n, t in patch.head.items() if n != "classifier.bias"}, patch.meta)
+    renamed = TaskPatch(diffs, {**missing.head, frozen: torch.ones(32)}, patch.meta)
+    with pytest.raises(DiffpruneError, match="lacks the model's head tensor 'classifier.bias'"):
+        missing.apply(base)
+    with pytest.raises(DiffpruneError, match=f"has head tensor '{frozen}', which is a frozen base parameter"):
+        renamed.apply(base)
+    for bad in (missing, renamed):  # a plain module: the fingerprint no longer covers the same tensors
+        with pytest.raises(DiffpruneError, match="fingerprint"):
+            bad.apply(base.model)
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+
+
+def test_the_fingerprint_is_cached_safely(base, monkeypatch):
+    import diffprune.patch.apply as apply_module
+
+    calls = []
+    real = apply_module.fingerprint
+    monkeypatch.setattr(apply_module, "fingerprint", lambda params: calls.append(1) or real(params))
+    patch, _ = _kind_patch(base, "mixed")
+    for _ in range(3):
+        patch.apply(base).revert()
+    with patch.apply(base.model):
+        pass
+    assert len(calls) == 1  # revert re-validated the cached fingerprint each time
+    weight = base.model.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        weight.add_(0.0)  # an in-place write: the same bits, hashed again
+    patch.apply(base).revert()
+    assert len(calls) == 2
+    applied = patch.apply(base)
+    with torch.no_grad():
+        base.model.bert.pooler.dense.bias.add_(0.0)  # written between apply and revert
+    applied.revert()
+    patch.apply(base).revert()
+    assert len(calls) == 3
+    with torch.no_grad():
+        weight[0, 0] += 1.0  # another base now
+    with pytest.raises(DiffpruneError, match="fingerprint"):
+        patch.apply(base)
+    with torch.no_grad():
+        weight[0, 0] -= 1.0
+    original = base.model.bert.pooler.dense.weight
+    base.model.bert.pooler.dense.weight = torch.nn.Parameter(original.detach() + 1)  # a new tensor object
+    with pytest.raises(DiffpruneError, match="fingerprint"):
+        patch.apply(base)
+    base.model.bert.pooler.dense.weight = original
+    copied = copy.deepcopy(base.model)  # another model: its own fingerprint, computed for it
+    with patch.apply(copied):
+        pass
+    assert len(calls) == 6

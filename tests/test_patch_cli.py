@@ -143,7 +143,7 @@ def test_export_loads_with_transformers(commands, tiny_model):
     base = base_for(patch, tiny_model)
     with torch.no_grad():
         unpatched = base.model.eval()(**inputs).logits
-        with patch.apply(base.model, base.fingerprint):
+        with patch.apply(base):
             expected = base.model(**inputs).logits
         exported_logits = model(**inputs).logits
     torch.testing.assert_close(exported_logits, expected, rtol=0, atol=1e-6)

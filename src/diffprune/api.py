@@ -255,7 +255,7 @@ def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: st
     patch = TaskPatch.load(patch_path)
     spec = get_task(task or patch.meta.get("task") or "")
     base = base_for(patch, model)
-    patch.apply(base.model, base.fingerprint)
+    patch.apply(base)
     length = max_seq_length or patch.meta.get("max_seq_length") or TrainSettings.max_seq_length
     settings = TrainSettings(task=spec.name, data_dir=data_dir, max_seq_length=length)
     return _score(base.model, base, spec, settings, batch_size, split)

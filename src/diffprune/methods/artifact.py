@@ -44,6 +44,6 @@ def save_patch(patch: TaskPatch, output: Path, value_dtype: str) -> dict[str, in
 
 def load_patched(base: BaseModel, output: Path) -> nn.Module:
     """Apply the run's patch onto the freshly loaded base (refused if the base differs)."""
-    TaskPatch.load(output / PATCH_FILE).apply(base.model, base.fingerprint)
+    TaskPatch.load(output / PATCH_FILE).apply(base)
     return base.model
 
