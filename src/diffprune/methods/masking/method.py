@@ -28,10 +28,14 @@ from diffprune.training.phases import ParamGroup, Phase, decay_split
 from diffprune.training.settings import TrainSettings
 
 
+# The head trains from scratch on frozen (masked) features, as BitFit's does, at BitFit's rate.
+HEAD_LR = 1e-3
+
+
 class MaskMethod(Method):
     Config = MaskOptions
     artifact = PATCH_FILE
-    default_lr = 1e-3  # the head trains from scratch on frozen (masked) features, as BitFit's does
+    default_lr = HEAD_LR  # the mask is not learned: the head is what trains
     fsdp_refused = ("its masks sit beside the frozen base and are read whole; launch it with DDP "
                     "(accelerate launch without an FSDP config, or torchrun)")
     learned = False
@@ -63,7 +67,7 @@ class MaskMethod(Method):
         return [ParamGroup("head", decay, lr, wd), ParamGroup("head_no_decay", no_decay, lr, 0.0)]
 
     def head_lr(self, s: TrainSettings) -> float:
-        return s.head_lr if s.head_lr is not None else self.lr(s)
+        return s.head_lr if s.head_lr is not None else HEAD_LR
 
     def prune_phase(self, model: MaskedModel, base: BaseModel, s: TrainSettings) -> Phase:
         raise NotImplementedError
