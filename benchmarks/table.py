@@ -72,6 +72,14 @@ def render(records: list[dict]) -> str:
 FULL_FLOORS = {"RTE": 0.55, "MRPC": 0.85, "STS-B": 0.82, "SST-2": 0.87}
 
 
+# The adapting-by-pruning issue's goals: abp at 50% within 2.0 points of full finetuning, above
+# gradual magnitude and random masks at every sparsity, above head-only at 50% and 90%.
+ABP_GOALS = [("abp s0.5", "full", -2.0, "within 2.0 points of full finetuning"),
+             *[(f"abp s{s:g}", f"{other} s{s:g}", 0.0, f"above {other} at the same sparsity")
+               for s in (0.5, 0.9) for other in ("magnitude", "random-mask")],
+             *[(f"abp s{s:g}", "head", 0.0, "above head-only (feature extraction)") for s in (0.5, 0.9)]]
+
+
 def render_goals(records: list[dict]) -> str:
     """The diff-pruning issue's quality goals, each checked on the tasks both sides have measured,
     then full finetuning's floors."""
@@ -91,6 +99,7 @@ def render_goals(records: list[dict]) -> str:
              ("diff-struct @0.005", "shira @0.005", 0.0, "above SHiRA with about as many changed entries")]
     if not big_loras:
         goals.append(("diff-struct @0.005", None, 0.0, f"above LoRA at a rank whose adapter ≥ the {patch_bytes:,.0f} B patch"))
+    goals += ABP_GOALS
     lines = ["| goal | tasks compared (seeds each side) | method avg | other avg | Δ | met |", "|---|---|---|---|---|---|"]
     for method, other, margin, text in goals:
         common = sorted(set(cells.get(method, {})) & set(cells.get(other, {})), key=TASK_ORDER.index)
