@@ -10,28 +10,30 @@ from __future__ import annotations
 import json
 import sys
 import tomllib
+import warnings
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, DiffpruneWarning
 from diffprune.methods import METHODS
 from diffprune.training.settings import TrainSettings
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": str}
 
 
-def _click_option(f) -> click.Option:
+def _click_option(f, default_text: str | None = None) -> click.Option:
     kind = f.type.replace(" | None", "").replace("None | ", "")
     flag = "--" + f.name.replace("_", "-")
     default = None if f.default is MISSING else f.default
     if kind == "bool":
         return click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=f.metadata["help"])
-    show = default not in (None, "", [])
+    if default_text is None and default not in (None, "", []):
+        default_text = str(default)
     return click.Option([flag], type=_TYPES[kind], default=None, help=f.metadata["help"]
-                        + (f" [default: {default}]" if show else ""))
+                        + (f" [default: {default_text}]" if default_text else ""))
 
 
 def _method_fields() -> dict[str, Any]:
@@ -41,6 +43,14 @@ def _method_fields() -> dict[str, Any]:
         for f in fields(cls.Config):
             found.setdefault(f.name, f)
     return found
+
+
+def _method_option(f) -> click.Option:
+    """A method option's flag; where methods that share it differ in its default, each one's."""
+    defaults = {m: g.default for m, cls in sorted(METHODS.items()) for g in fields(cls.Config) if g.name == f.name}
+    if len(set(map(str, defaults.values()))) == 1:
+        return _click_option(f)
+    return _click_option(f, ", ".join(f"{d} ({m})" for m, d in defaults.items()))
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -72,7 +82,12 @@ def split_settings(values: dict[str, Any]) -> tuple[TrainSettings, dict[str, Any
 
 def _run(fn, *args, **kwargs):
     try:
-        return fn(*args, **kwargs)
+        with warnings.catch_warnings():  # restores the default display afterwards
+            shown = warnings.showwarning
+            warnings.showwarning = lambda message, category, *rest, **kw: (
+                click.echo(f"warning: {message}", err=True) if issubclass(category, DiffpruneWarning)
+                else shown(message, category, *rest, **kw))
+            return fn(*args, **kwargs)
     except DiffpruneError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -95,7 +110,8 @@ def _train(config: str | None, **flags: Any) -> None:
 
     if not PartialState().is_main_process:  # one summary per run, not one per process
         return
-    click.echo(f"dev {record['metric']}: {record['score']:.4f}  ({record['task']}, {record['method']}, "
+    click.echo(f"dev {record['metric']}: {record['score']:.4f}, against {record['majority_class']['score']:.4f} for "
+               f"always answering the majority class  ({record['task']}, {record['method']}, "
                f"{record['trainable_params']:,} trainable parameters, {record['seconds']:.0f} s)")
     for line in record.get("summary", []):
         click.echo(line)
@@ -109,22 +125,23 @@ train_command = click.Command(
     params=[click.Option(["--config"], type=click.Path(dir_okay=False),
                          help="JSON or TOML file of settings (keys as the option names); flags win.")]
     + [_click_option(f) for f in fields(TrainSettings)]
-    + [_click_option(f) for f in _method_fields().values()],
+    + [_method_option(f) for f in _method_fields().values()],
 )
 main.add_command(train_command)
 
 
 @main.command("methods")
 def methods_command() -> None:
-    """List the registered methods and their options."""
+    """List the registered methods, their default learning rate (--lr) and their options."""
     for name, cls in sorted(METHODS.items()):
         opts = ", ".join("--" + f.name.replace("_", "-") for f in fields(cls.Config)) or "no options"
-        click.echo(f"{name:14s} {cls.summary}  [{opts}]")
+        click.echo(f"{name:14s} {cls.summary}  (default --lr {cls.default_lr:g})  [{opts}]")
 
 
 def _eval_options(fn):
     fn = click.option("--run", "run_dir", type=click.Path(file_okay=False), help="A finished run folder.")(fn)
-    fn = click.option("--data-dir", help="GLUE folder; default: $GLUE_DIR, else the HF hub.")(fn)
+    fn = click.option("--data-dir", help="GLUE folder; default: the one the run read (--run), else $GLUE_DIR, "
+                      "else the HF hub.")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Evaluation batch size.")(fn)
     return fn
 
@@ -157,11 +174,12 @@ def _fail(message: str) -> None:
 @main.command("predict")
 @_eval_options
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the submission files.")
-def predict_command(run_dir, data_dir, batch_size, output) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace submission files already in --output.")
+def predict_command(run_dir, data_dir, batch_size, output, overwrite) -> None:
     """Write the task's test predictions in the GLUE server's submission format."""
     from diffprune.api import predict_run
 
-    for path in _run(predict_run, run_dir, output, data_dir=data_dir, batch_size=batch_size):
+    for path in _run(predict_run, run_dir, output, data_dir=data_dir, batch_size=batch_size, overwrite=overwrite):
         click.echo(f"wrote {path}")
 
 
