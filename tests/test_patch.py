@@ -622,3 +622,20 @@ def test_the_fingerprint_is_cached_safely(base, monkeypatch):
     with patch.apply(copied):
         pass
     assert len(calls) == 6
+
+
+def test_plot_marks_each_kind(base, tmp_path):
+    from diffprune.patch.plot import kind_marks, panel_title, plot_patches
+
+    mixed, _ = _kind_patch(base, "mixed")
+    added, _, _ = _random_patch(base)
+    shapes = {n: tuple(p.shape) for n, p in base.base_parameters().items()}
+    marks = kind_marks(mixed, shapes)
+    assert marks == {("layer 00", "attention.self.query.weight"): "off", ("layer 01", "intermediate.dense.weight"): "sp"}
+    assert kind_marks(added, shapes) == {}
+    k = mixed.nnz_by_kind
+    assert panel_title("MRPC", mixed).splitlines()[1].startswith(
+        f"{k['add']:,} added, {k['mask']:,} switched off, {k['sparse']:,} kept (sparse)")
+    assert panel_title("x", added).splitlines()[1].startswith(f"{added.nnz:,} added (")
+    out = plot_patches({"mixed": mixed, "added": added}, shapes, tmp_path / "where.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

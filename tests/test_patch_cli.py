@@ -52,17 +52,20 @@ def commands(trained, other_tiny, tmp_path_factory):
     data = first.read_bytes()
     truncated = work / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
-    # A second patch on the same base: the first one's layer-0 entries only, as another "method".
+    # A second patch on the same base, of other kinds: the first one's layer-0 positions switched
+    # off, and its pooler kept as a sparse tensor, as another "method".
     patch = TaskPatch.load(first)
-    kept = {n: SparseDiff(d.shape, d.positions, d.values) for n, d in patch.diffs.items() if ".layer.0." in n}
+    kept = {n: SparseDiff(d.shape, d.positions, kind="mask") for n, d in patch.diffs.items() if ".layer.0." in n}
     assert kept and len(kept) < len(patch.diffs)
+    kept["bert.pooler.dense.bias"] = SparseDiff.from_sparse(torch.arange(32.0))
     second = work / "layer0.safetensors"
-    TaskPatch(kept, patch.head, {**patch.meta, "method": "layer-0 only"}).save(second)
+    TaskPatch(kept, patch.head, {**patch.meta, "method": "layer-0 masked"}).save(second)
     paths = {"patch": first, "truncated": truncated, "second": second, "exported": work / "exported",
              "applied": work / "applied", "png": work / "plots" / "where.png"}
     args = {
         "info_json": ("patch", "info", "--json", str(first)),
         "info_text": ("patch", "info", str(first)),
+        "info_kinds": ("patch", "info", str(second)),
         "eval": ("eval", "--patch", str(first), "--data-dir", GLUE),
         "export": ("patch", "export", str(first), "--output", str(paths["exported"])),
         "apply_other": ("patch", "apply", str(first), "--base", other_tiny, "--output", str(paths["applied"])),
@@ -118,6 +121,16 @@ def test_patch_info_text(trained, commands):
     assert "diff-struct patch for MRPC" in stdout
     assert record["fingerprint"] in stdout
     assert f"{record['nnz']:,} changed entries of {record['base_params']:,}" in stdout
+
+
+def test_patch_info_counts_each_kind(commands):
+    results, paths = commands
+    stdout = _ok(results["info_kinds"]).stdout
+    patch = TaskPatch.load(paths["second"])
+    masked = [d for d in patch.diffs.values() if d.kind == "mask"]
+    counts = f"mask: {sum(d.nnz for d in masked):,} entries switched off in {len(masked)} tensors"
+    assert f"  by kind: {counts}; sparse: 31 entries kept (the rest of the tensor zero) in 1 tensor\n" in stdout
+    assert "by kind: add: " in _ok(results["info_text"]).stdout
 
 
 def test_eval_patch_prints_the_run_score(trained, commands):

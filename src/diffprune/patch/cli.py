@@ -36,8 +36,21 @@ def info_command(file: str, as_json: bool) -> None:
     click.echo(f"  {info['nnz']:,} changed entries of {info['base_params']:,} base parameters "
                f"({100 * (info['density'] or 0):.3f}%), {info['bytes']:,} bytes, values {info['value_dtype']}")
     click.echo(f"  {len(info['tensors'])} tensors changed; head: " + ", ".join(h["name"] for h in info["head"]))
+    click.echo("  by kind: " + kind_counts(info))
     if info.get("metrics"):
         click.echo("  dev: " + ", ".join(f"{k} {v:.4f}" for k, v in info["metrics"].items()))
+
+
+def kind_counts(info: dict) -> str:
+    """'add: 1,234 entries changed in 12 tensors; mask: ...' for the kinds the patch holds."""
+    from diffprune.patch.kinds import KIND_WORDS
+
+    parts = []
+    for kind, nnz in info["nnz_by_kind"].items():
+        tensors = info["tensors_by_kind"][kind]
+        if tensors:
+            parts.append(f"{kind}: {nnz:,} entries {KIND_WORDS[kind]} in {tensors} tensor{'s' if tensors > 1 else ''}")
+    return "; ".join(parts) or "none (the patch holds a head only)"
 
 
 def _write_patched_model(file: str, output: str, model: str | None) -> None:
@@ -70,7 +83,8 @@ def export_command(file: str, output: str, model: str | None) -> None:
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--base", "model", default=None, help="Base model (default: the one the first patch names).")
 def plot_command(files: tuple[str, ...], model: str | None, output: str) -> None:
-    """Where each patch's diff lives: density per layer and per kind of tensor, side by side."""
+    """Where each patch's changes live: density per layer and per type of tensor, side by side
+    (switched-off and sparse entries marked)."""
     from diffprune.patch import TaskPatch
     from diffprune.patch.ops import base_for
     from diffprune.patch.plot import panel_labels, plot_patches

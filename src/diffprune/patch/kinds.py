@@ -24,7 +24,7 @@ from diffprune.errors import DiffpruneError
 KINDS = ("add", "mask", "sparse")
 ADD, MASK, SPARSE = KINDS
 # What each kind does to the entries at its positions, in words, for `patch info` and the plot.
-KIND_WORDS = {ADD: "added to", MASK: "switched off", SPARSE: "kept (the rest of the tensor zero)"}
+KIND_WORDS = {ADD: "changed", MASK: "switched off", SPARSE: "kept (the rest of the tensor zero)"}
 
 
 def check_kind(kind: object) -> str:

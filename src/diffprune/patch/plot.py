@@ -1,7 +1,10 @@
-"""Where a task's diff lives: density per layer and per kind of tensor, tasks side by side.
+"""Where a task's patch lives: density per layer and per type of tensor, tasks side by side.
 
-Layer and kind come from the parameter names alone (the first integer path component is the
-layer; the rest of the name is the kind), so any architecture plots without special cases.
+Layer and tensor type come from the parameter names alone (the first integer path component is
+the layer; the rest of the name is the type), so any architecture plots without special cases.
+The colour is the density of the patch's positions among a cell's entries, whatever their kind;
+cells holding switched-off ("mask") or kept ("sparse") entries are marked, and each panel's
+title counts the entries of each kind.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from diffprune.patch.kinds import ADD, KINDS, MASK, SPARSE
 from diffprune.patch.taskpatch import TaskPatch
 
 _LAYER = re.compile(r"\.(\d+)\.")
+# The mark a cell gets for the kinds other than "add", and what it says in the figure's note.
+MARKS = {MASK: ("off", "entries switched off"), SPARSE: ("sp", "entries kept of a sparse tensor, the rest zero")}
+TITLE_WORDS = {ADD: "added", MASK: "switched off", SPARSE: "kept (sparse)"}
 
 
 def locate(name: str) -> tuple[str, str]:
@@ -42,7 +49,7 @@ def panel_labels(files: list[str] | tuple[str, ...], patches: list[TaskPatch]) -
 
 
 def density_table(patch: TaskPatch, shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, str], float]:
-    """(where, kind) -> density of the diff among the entries of those base tensors."""
+    """(where, tensor type) -> density of the patch's positions among the entries of those base tensors."""
     nnz, numel = defaultdict(int), defaultdict(int)
     for name, shape in shapes.items():
         key = locate(name)
@@ -52,8 +59,24 @@ def density_table(patch: TaskPatch, shapes: dict[str, tuple[int, ...]]) -> dict[
     return {key: nnz[key] / numel[key] for key in numel}
 
 
+def kind_marks(patch: TaskPatch, shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, str], str]:
+    """(where, tensor type) -> the marks of the non-add kinds among those tensors ("off", "sp", "off+sp")."""
+    kinds = defaultdict(set)
+    for name in shapes:
+        if name in patch.diffs and patch.diffs[name].kind in MARKS:
+            kinds[locate(name)].add(patch.diffs[name].kind)
+    return {key: "+".join(MARKS[k][0] for k in KINDS if k in found) for key, found in kinds.items()}
+
+
+def panel_title(label: str, patch: TaskPatch) -> str:
+    base_params = max(1, int(patch.meta.get("base_params") or 1))
+    kinds_held = {d.kind for d in patch.diffs.values()} or {ADD}
+    counts = ", ".join(f"{n:,} {TITLE_WORDS[k]}" for k, n in patch.nnz_by_kind.items() if k in kinds_held)
+    return f"{label}\n{counts} ({100 * patch.nnz / base_params:.2f}%)"
+
+
 def plot_patches(patches: dict[str, TaskPatch], shapes: dict[str, tuple[int, ...]], output: str | Path) -> Path:
-    """One heatmap per patch (rows: kinds of tensor, columns: where), on one colour scale."""
+    """One heatmap per patch (rows: types of tensor, columns: where), on one colour scale."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -62,23 +85,28 @@ def plot_patches(patches: dict[str, TaskPatch], shapes: dict[str, tuple[int, ...
 
     tables = {label: density_table(p, shapes) for label, p in patches.items()}
     places = sorted({w for t in tables.values() for w, _ in t}, key=lambda w: (w != "embeddings", w == "other", w))
-    kinds = sorted({k for t in tables.values() for _, k in t})
-    grids = {label: np.array([[t.get((w, k), np.nan) for w in places] for k in kinds]) for label, t in tables.items()}
+    types = sorted({k for t in tables.values() for _, k in t})
+    grids = {label: np.array([[t.get((w, k), np.nan) for w in places] for k in types]) for label, t in tables.items()}
     positive = [g[g > 0] for g in grids.values() if np.any(g > 0)]
     low = min(float(v.min()) for v in positive) if positive else 1e-6
     high = max(float(v.max()) for v in positive) if positive else 1.0
-    fig, axes = plt.subplots(1, len(grids), figsize=(1.2 + 0.55 * len(places) * len(grids) + 3, 0.32 * len(kinds) + 2),
+    fig, axes = plt.subplots(1, len(grids), figsize=(1.2 + 0.55 * len(places) * len(grids) + 3, 0.32 * len(types) + 2),
                              squeeze=False, sharey=True)
     image = None
+    used_marks = set()
     for ax, (label, grid) in zip(axes[0], grids.items()):
         shown = np.where(grid > 0, grid, np.nan)  # zero density is left blank, not the palest colour
         image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)))
-        info = patches[label]
-        ax.set_title(f"{label}\n{info.nnz:,} entries, {100 * info.nnz / max(1, info.meta.get('base_params', 1)):.2f}%",
-                     fontsize=9)
+        for (where, tensor_type), mark in kind_marks(patches[label], shapes).items():
+            ax.text(places.index(where), types.index(tensor_type), mark, ha="center", va="center", fontsize=6, color="red")
+            used_marks.update(mark.split("+"))
+        ax.set_title(panel_title(label, patches[label]), fontsize=9)
         ax.set_xticks(range(len(places)), [p.replace("layer ", "L") for p in places], rotation=90, fontsize=7)
-        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
-    fig.colorbar(image, ax=axes[0].tolist(), label="density of the diff (log scale)", shrink=0.9)
+        ax.set_yticks(range(len(types)), types, fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), label="density of the patch's entries (log scale)", shrink=0.9)
+    if used_marks:
+        note = "; ".join(f"{mark}: {words}" for mark, words in MARKS.values() if mark in used_marks)
+        fig.text(0.01, -0.02, f"{note}; unmarked: added diffs", fontsize=7, ha="left", va="top")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130, bbox_inches="tight")
