@@ -167,3 +167,15 @@ def test_bad_input_is_refused_before_the_model_loads_and_writes_nothing(tmp_path
                      "--data-dir", GLUE, "--output", str(out))
     assert result.returncode == 1 and "no base parameter matches --prune-include 'nothing.*'" in result.stderr
     assert not out.exists()
+
+
+def test_a_mask_patch_is_refused_on_another_base(runs, tmp_path):
+    from conftest import tiny_bert
+
+    out, record, _ = runs("abp", "abp", {"sparsity": 0.5}, **ABP)
+    other = load_base(tiny_bert(tmp_path / "other", initializer_range=0.05))
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(DiffpruneError) as error:
+        TaskPatch.load(out / "patch.safetensors").apply(other)
+    assert record["fingerprint"] in str(error.value) and other.fingerprint in str(error.value)
+    assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
