@@ -107,6 +107,9 @@ def test_methods_lists_the_methods():
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert {"full", "bitfit", "lora"} <= rows.keys()
     assert "--lora-r" in rows["lora"] and "no options" in rows["full"]
+    # --lr's help sends the reader here for each method's own rate
+    assert "(default --lr 5e-05)" in rows["full"] and "(default --lr 0.0001)" in rows["diff-struct"]
+    assert "(default --lr 0.001)" in rows["bitfit"]
 
 
 # ---- input errors: exit 1 and one line, never a traceback -----------------------------------
@@ -174,6 +177,10 @@ def test_bad_numbers_in_flags_are_one_line_errors(work):
 def test_config_file_with_a_flag_overriding_it(processes, work):
     result = processes["train"]
     assert "dev f1:" in result.stdout and str(work / "run") in result.stdout
+    record = json.loads((work / "run" / "run.json").read_text())
+    # all 30 dev rows, 19 of them paraphrases: "paraphrase" throughout has F1 2 * 19 / (19 + 30)
+    assert record["majority_class"]["score"] == pytest.approx(38 / 49)
+    assert "against 0.7755 for always answering the majority class" in result.stdout
     saved = json.loads((work / "run" / "settings.json").read_text())
     assert saved["epochs"] == 1.0  # the flag wins
     assert saved["lr"] == 3e-4 and saved["batch_size"] == 8 and saved["seed"] == 5  # the config's
@@ -219,3 +226,38 @@ def test_predict_writes_a_submission(processes, work):
     assert len(rows) == len(test_ids) == 30
     assert [r[0] for r in rows] == test_ids
     assert {r[1] for r in rows} <= {"0", "1"}
+
+
+def test_predict_refuses_to_overwrite_a_submission(processes, work):
+    path = work / "submission" / "MRPC.tsv"
+    before = path.read_text()
+    line = invoked_error(invoke("predict", "--run", str(work / "run"), "--output", str(work / "submission")))
+    assert line == f"error: {path} already exists; pass --overwrite to replace it"
+    assert path.read_text() == before
+    # --overwrite replaces it; the data folder is the one the run read, without --data-dir
+    result = invoke("predict", "--run", str(work / "run"), "--output", str(work / "submission"), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert path.read_text() == before  # the same run's predictions
+
+
+def test_eval_of_a_run_needs_no_data_dir(processes, work, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    record = json.loads((work / "run" / "run.json").read_text())
+    result = invoke("eval", "--run", str(work / "run"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == pytest.approx(record["dev"], abs=1e-6)
+
+
+def test_eval_of_a_patch_on_another_task_warns_and_scores(work, tiny_model):
+    from diffprune.api import train
+    from diffprune.training.settings import TrainSettings
+
+    run = work / "patch-run"
+    train(TrainSettings(task="MRPC", method="diff-struct", model=tiny_model, data_dir=GLUE, output=str(run),
+                        max_steps=1, batch_size=8, max_seq_length=64, max_train_samples=8))
+    result = invoke("eval", "--patch", str(run / "patch.safetensors"), "--task", "RTE", "--data-dir", GLUE)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "warning: the patch was trained on MRPC, not RTE; scoring it on RTE anyway"
+    assert result.stdout.split()[0::2] == ["accuracy", "score"]  # RTE's metric
+    same = invoke("eval", "--patch", str(run / "patch.safetensors"), "--task", "mrpc", "--data-dir", GLUE)
+    assert same.exit_code == 0 and "warning" not in same.stderr  # its own task, in another spelling

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import GLUE_FIXTURES
 from diffprune.api import evaluate_run, train
 from diffprune.errors import DiffpruneError, TrainingDiverged
-from diffprune.training.loop import epoch_order, shard
+from diffprune.training.loop import epoch_order, loss_summary, shard
 from diffprune.training.settings import TrainSettings
 
 
@@ -84,6 +84,49 @@ def test_log_csv_tensorboard_and_settings(reference):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
     progress = json.loads((out / "checkpoints" / "step-4" / "progress.json").read_text())
     assert progress["global_step"] == 4 and len(progress["evals"]) == 2
+
+
+def test_record_holds_the_majority_class_score_and_the_data_folder(reference):
+    _, record = reference
+    # the 16 dev rows scored: 10 paraphrases, so "paraphrase" throughout has F1 2 * 10 / (10 + 16)
+    assert record["majority_class"] == pytest.approx({"f1": 20 / 26, "accuracy": 10 / 16, "score": 20 / 26})
+    assert record["data_dir"] == str(GLUE_FIXTURES.resolve())
+
+
+def test_the_progress_bar_shows_the_task_loss_and_the_other_terms_apart():
+    # diff pruning's L0 phase: the penalty climbs into the hundreds while the task loss falls
+    terms = {"loss": 355.61, "task_loss": 0.61234, "l0_penalty": 355.0}
+    assert loss_summary(terms) == "task_loss 0.6123  (l0_penalty 355)"
+    assert loss_summary({"loss": 0.5, "task_loss": 0.5}) == "task_loss 0.5000"
+
+
+def test_eval_of_a_run_reads_the_data_folder_the_run_read(reference, tmp_path, monkeypatch):
+    """Not $GLUE_DIR, not the hub (30 s of retries offline): the folder the record names."""
+    import shutil
+
+    import diffprune.glue.data
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("went to the hub")
+
+    monkeypatch.setattr(diffprune.glue.data, "load_hub_split", no_hub)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    out, record = reference
+    full_dev = evaluate_run(out)  # every dev row (the run scored the first 16)
+    assert full_dev == evaluate_run(out, data_dir=str(GLUE_FIXTURES))
+
+    moved = tmp_path / "run"  # a copy whose data folder is gone
+    shutil.copytree(out, moved)
+    saved = json.loads((moved / "run.json").read_text())
+    (moved / "run.json").write_text(json.dumps({**saved, "data_dir": str(tmp_path / "gone")}))
+    with pytest.raises(DiffpruneError, match=f"the run read its data from {tmp_path / 'gone'}, which is no "
+                                             "longer there; pass --data-dir"):
+        evaluate_run(moved)
+    assert evaluate_run(moved, data_dir=str(GLUE_FIXTURES)) == full_dev
+
+    del saved["data_dir"]  # a run recorded before the folder was: its settings name it as given
+    (moved / "run.json").write_text(json.dumps(saved))
+    assert evaluate_run(moved) == full_dev
 
 
 # ---- determinism ----------------------------------------------------------------------------
@@ -270,11 +313,15 @@ def test_the_fixed_mask_phase_checkpoints_no_logit_average(tiny_model, glue_dir,
 # ---- divergence -----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["weights", "gradient"])
+# What goes wrong after step 3, and the step that reports it: a weight that becomes inf is
+# seen at once; an inf gradient at the next step, before its update writes NaN weights.
+EXPLOSIONS = {"weights": 3, "gradient": 4}
+
+
+@pytest.fixture(params=sorted(EXPLOSIONS))
 def exploding_method(request):
-    """A test-only method that diverges after the third step: its head weight becomes inf (so
-    the next loss is not finite), or its gradient does (a finite loss whose step would write
-    NaN weights, and checkpoint them)."""
+    """A test-only method that diverges in its third step: its head weight becomes inf, or its
+    gradient does (a finite loss whose step would write NaN weights, and checkpoint them)."""
     from diffprune.methods.full import single_phase
     from diffprune.methods.registry import METHODS, Method, register
 
@@ -301,17 +348,20 @@ def exploding_method(request):
             return [phase]
 
     try:
-        yield Explode.name
+        yield Explode.name, EXPLOSIONS[request.param]
     finally:
         METHODS.pop(Explode.name, None)
 
 
 def test_diverged_run_stops_and_keeps_the_last_checkpoint(exploding_method, tiny_model, glue_dir, tmp_path):
+    method, step = exploding_method
     out = tmp_path / "boom"
     # 24 examples in batches of 4: 6 steps per epoch, so only checkpoint_every writes steps 2 and 4
-    with pytest.raises(TrainingDiverged, match="at step 4") as excinfo:
-        train(settings(tiny_model, glue_dir, out, method=exploding_method, batch_size=4, max_train_samples=24))
-    assert "checkpoint" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    with pytest.raises(TrainingDiverged) as excinfo:
+        train(settings(tiny_model, glue_dir, out, method=method, batch_size=4, max_train_samples=24))
+    kept = out / "checkpoints" / "step-2"
+    assert f"at step {step} (phase finetune); the last finite checkpoint is {kept} (step 2)" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
     assert not (out / "run.json").exists()
 
     checkpoints = out / "checkpoints"
@@ -321,6 +371,41 @@ def test_diverged_run_stops_and_keeps_the_last_checkpoint(exploding_method, tiny
     assert progress["global_step"] == 2 and progress["phase_step"] == 2
     state = load_file(checkpoints / "step-2" / "trainable.safetensors")
     assert torch.isfinite(state["classifier.weight"]).all()
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_state(tiny_model, glue_dir, tmp_path):
+    """The steps check the trained parameters; a checkpoint checks all it would hold, here a
+    buffer beside them (as diff pruning's penalty weight is) that became NaN."""
+    from diffprune.methods.full import single_phase
+    from diffprune.methods.registry import METHODS, Method, register
+
+    @register
+    class Drift(Method):
+        name = "test-drift"
+        summary = "test only: a checkpointed buffer becomes NaN at step 3"
+
+        def prepare(self, base):
+            base.model.requires_grad_(True)
+            base.model.register_buffer("drift", torch.zeros(2))
+            return base.model
+
+        def trainable_state(self, model):
+            return {**super().trainable_state(model), "drift": model.drift}
+
+        def phases(self, model, base, s):
+            phase = single_phase(model, base, s, self.lr(s))
+            phase.after_step = lambda step, total: model.drift.fill_(float("nan")) if step == 3 else None
+            return [phase]
+
+    out = tmp_path / "drift"
+    try:
+        with pytest.raises(TrainingDiverged) as excinfo:  # checkpoints at steps 2 and 4
+            train(settings(tiny_model, glue_dir, out, method=Drift.name, batch_size=4, max_train_samples=24))
+    finally:
+        METHODS.pop(Drift.name, None)
+    assert str(excinfo.value).startswith("training diverged: drift is not finite at step 4")
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-2"]
+    assert torch.equal(load_file(out / "checkpoints" / "step-2" / "trainable.safetensors")["drift"], torch.zeros(2))
 
 
 # ---- the dense baselines: trainable parameters, save -> load_artifact -------------------------

@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,19 @@ from torch import nn
 
 from diffprune import __version__
 from diffprune.base import BaseModel, load_base
-from diffprune.errors import DiffpruneError
+from diffprune.errors import DiffpruneError, DiffpruneWarning
 from diffprune.glue import (
     TaskSpec,
     TokenizedDataset,
     compute_metrics,
     get_task,
     load_split,
+    majority_class_metrics,
     make_collator,
     predictions_from_logits,
+    resolve_data_dir,
     resolve_split,
+    submission_path,
     write_submission,
 )
 from diffprune.io import write_json
@@ -35,10 +39,12 @@ from diffprune.methods import build_method
 from diffprune.methods.registry import artifact_names
 from diffprune.training.checkpoint import (
     check_resumable,
+    check_writable,
     latest_checkpoint,
     load_checkpoint,
     prepare_output,
     save_settings,
+    writing_into,
 )
 from diffprune.training.logger import RunLogger
 from diffprune.training.loop import LoopContext, predict_logits, run_phases
@@ -83,6 +89,15 @@ def dev_metrics(model, data: TaskData, collator, accelerator: Accelerator, batch
     return result
 
 
+def majority_class(data: TaskData) -> dict[str, float]:
+    """What answering every dev example with the most frequent label scores, keyed as dev_metrics."""
+    result: dict[str, float] = {}
+    for i, (split, dataset) in enumerate(data.dev.items()):
+        metrics = majority_class_metrics(data.spec, [e.label for e in dataset.examples])
+        result.update(metrics if i == 0 else {f"{split}_{k}": v for k, v in metrics.items()})
+    return result
+
+
 def train(settings: TrainSettings, method_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one task with one method; returns the run record (also written to OUTPUT/run.json)."""
     if not settings.output:
@@ -92,6 +107,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     method = build_method(settings.method, method_options)
     if method.fsdp_refused and parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch`
         raise DiffpruneError(f"method '{method.name}' cannot train under FSDP: {method.fsdp_refused}")
+    check_writable(output)  # a read-only or full output is refused now, not after minutes of loading
     computation = {**settings.computation(), "method_options": _jsonable_options(method.config)}
     # A run made before an option of this version existed used its default (check_resumable).
     defaults = {**TrainSettings.computation_defaults(), "method_options": _jsonable_options(type(method.config)())}
@@ -113,7 +129,8 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
 
     checkpoint_path = latest_checkpoint(output) if settings.resume else None
     resume = load_checkpoint(checkpoint_path) if checkpoint_path else None
-    logger = RunLogger(output, accelerator.is_main_process, resume.progress.global_step if resume else None)
+    with writing_into(output):
+        logger = RunLogger(output, accelerator.is_main_process, resume.progress.global_step if resume else None)
     ctx = LoopContext(
         accelerator=accelerator,
         model=wrapped,
@@ -131,7 +148,8 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         log_every=settings.log_every,
     )
     try:
-        progress = run_phases(ctx, phases, resume)
+        with writing_into(output):  # the log and the checkpoints, written as the run goes
+            progress = run_phases(ctx, phases, resume)
     finally:
         logger.close()
 
@@ -148,10 +166,12 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         "metric": spec.main_metric,
         "score": final["score"],
         "dev": final,
+        "majority_class": majority_class(data),
         "evals": progress.evals,
         "trainable_params": method.trainable_params(model),
         "base_params": base.num_base_params,
         "train_examples": len(data.train),
+        "data_dir": _data_folder(settings.data_dir),
         "steps": progress.global_step,
         "seconds": round(progress.seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
@@ -159,14 +179,22 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         "device": device_name(accelerator),
         "num_processes": accelerator.num_processes,
     }
-    if accelerator.is_main_process and settings.save_model:
-        record["files"] = method.save(model, base, output, record)
-    record.update(method.record_extras(model, base))  # after save: it may report the artifact's size
-    if accelerator.is_main_process:
-        write_json(output / "run.json", record)
+    with writing_into(output):
+        if accelerator.is_main_process and settings.save_model:
+            record["files"] = method.save(model, base, output, record)
+        record.update(method.record_extras(model, base))  # after save: it may report the artifact's size
+        if accelerator.is_main_process:
+            write_json(output / "run.json", record)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def _data_folder(data_dir: str | None) -> str | None:
+    """The GLUE folder a run reads, made absolute so that `eval --run` finds it from anywhere;
+    None when the data came from the hub."""
+    folder = resolve_data_dir(data_dir)
+    return str(folder.resolve()) if folder is not None else None
 
 
 def _prepare_for_every_phase(accelerator: Accelerator, model: nn.Module, phases: list[Phase]) -> nn.Module:
@@ -228,7 +256,7 @@ def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):
         raise DiffpruneError(f"{run} is not a finished run folder (no run.json); pass --run DIR")
     saved = json.loads((run / "settings.json").read_text())
     settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.__dataclass_fields__})
-    settings.data_dir, settings.eval_batch_size = data_dir, batch_size
+    settings.data_dir, settings.eval_batch_size = data_dir or _recorded_data_dir(run), batch_size
     spec = get_task(settings.task)
     method = build_method(settings.method, saved.get("method_options"))
     if not (run / method.artifact).exists():
@@ -236,6 +264,16 @@ def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):
     base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
     model = method.load_artifact(base, run)
     return settings, spec, base, model
+
+
+def _recorded_data_dir(run: Path) -> str | None:
+    """The GLUE folder the run read (None: the hub), so that evaluating it needs no --data-dir
+    and never waits for the hub offline. Runs made before it was recorded name it as given."""
+    record = json.loads((run / "run.json").read_text())
+    folder = record["data_dir"] if "data_dir" in record else record.get("settings", {}).get("data_dir")
+    if folder and not Path(folder).is_dir():
+        raise DiffpruneError(f"the run read its data from {folder}, which is no longer there; pass --data-dir")
+    return folder
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | None = None, batch_size: int = 128,
@@ -253,7 +291,11 @@ def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: st
     from diffprune.patch.ops import base_for
 
     patch = TaskPatch.load(patch_path)
-    spec = get_task(task or patch.meta.get("task") or "")
+    trained_on = patch.meta.get("task")
+    spec = get_task(task or trained_on or "")
+    if trained_on and get_task(trained_on) != spec:  # allowed (a transfer test), but rarely meant
+        warnings.warn(DiffpruneWarning(f"the patch was trained on {get_task(trained_on).name}, not {spec.name}; "
+                                       f"scoring it on {spec.name} anyway"), stacklevel=2)
     base = base_for(patch, model)
     patch.apply(base)
     length = max_seq_length or patch.meta.get("max_seq_length") or TrainSettings.max_seq_length
@@ -276,16 +318,23 @@ def _score(model, base: BaseModel, spec: TaskSpec, settings: TrainSettings, batc
 
 
 def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = None,
-                batch_size: int = 128) -> list[Path]:
-    """Predict the test split(s) and write GLUE submission files into `output`."""
+                batch_size: int = 128, overwrite: bool = False) -> list[Path]:
+    """Predict the test split(s) and write GLUE submission files into `output`; an existing
+    submission file is replaced only with `overwrite`."""
+    run = Path(run_dir) if run_dir else None
+    if run is not None and (run / "settings.json").exists():  # refused before the model loads
+        spec = get_task(json.loads((run / "settings.json").read_text()).get("task", ""))
+        for split in spec.test_splits:
+            submission_path(spec, split, output, overwrite)
     settings, spec, base, model = load_run(run_dir, data_dir, batch_size)
     accelerator, collator, paths = Accelerator(), make_collator(base.tokenizer), []
     model.to(accelerator.device)
     for split in spec.test_splits:
-        examples = load_split(spec, split, data_dir)
+        examples = load_split(spec, split, settings.data_dir)
         dataset = TokenizedDataset(examples, base.tokenizer, settings.max_seq_length)
         logits = predict_logits(model, dataset, collator, accelerator, batch_size)
-        paths.append(write_submission(spec, split, examples, predictions_from_logits(spec, logits), output))
+        paths.append(write_submission(spec, split, examples, predictions_from_logits(spec, logits), output,
+                                      overwrite))
     return paths
 
 

@@ -10,8 +10,8 @@ from diffprune.glue.data import (
     read_glue_split,
     resolve_data_dir,
 )
-from diffprune.glue.metrics import compute_metrics, predictions_from_logits
-from diffprune.glue.submission import write_submission
+from diffprune.glue.metrics import compute_metrics, majority_class_metrics, predictions_from_logits
+from diffprune.glue.submission import submission_path, write_submission
 from diffprune.glue.tasks import TASKS, TaskSpec, get_task, resolve_split
 
 __all__ = [
@@ -24,10 +24,12 @@ __all__ = [
     "get_task",
     "load_hub_split",
     "load_split",
+    "majority_class_metrics",
     "make_collator",
     "predictions_from_logits",
     "read_glue_split",
     "resolve_data_dir",
     "resolve_split",
+    "submission_path",
     "write_submission",
 ]

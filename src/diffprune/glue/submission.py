@@ -33,16 +33,10 @@ def _format(spec: TaskSpec, value: Any, i: int) -> str:
     return spec.labels[label_id] if spec.name in _STRING_LABELS else str(label_id)
 
 
-def write_submission(
-    task: str | TaskSpec,
-    split: str,
-    examples: Sequence[Example],
-    predictions: Any,
-    output_dir: str | os.PathLike,
-) -> Path:
-    """Write `<output_dir>/<stem>.tsv` ("index\\tprediction" rows) atomically; return its path."""
-    from diffprune.io import write_text
-
+def submission_path(task: str | TaskSpec, split: str, output_dir: str | os.PathLike,
+                    overwrite: bool = False) -> Path:
+    """Where the submission file of a test split goes (`<output_dir>/<stem>.tsv`). An existing
+    file is refused unless `overwrite`: a submission is what was sent, or is about to be."""
     spec = get_task(task)
     split = resolve_split(spec, split)
     if split not in spec.submission_names:
@@ -50,6 +44,27 @@ def write_submission(
             f"GLUE submissions are made on test splits; {spec.name} split '{split}' is not one "
             f"(choose {', '.join(spec.test_splits)})"
         )
+    path = Path(output_dir) / f"{spec.submission_names[split]}.tsv"
+    if path.exists() and not overwrite:
+        raise DiffpruneError(f"{path} already exists; pass --overwrite to replace it")
+    return path
+
+
+def write_submission(
+    task: str | TaskSpec,
+    split: str,
+    examples: Sequence[Example],
+    predictions: Any,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+) -> Path:
+    """Write `<output_dir>/<stem>.tsv` ("index\\tprediction" rows) atomically; return its path.
+    An existing file is replaced only with `overwrite`."""
+    from diffprune.io import write_text
+
+    spec = get_task(task)
+    path = submission_path(spec, split, output_dir, overwrite)
+    split = resolve_split(spec, split)
     if isinstance(predictions, torch.Tensor):
         predictions = predictions.detach().float().cpu().numpy()
     preds = np.asarray(predictions)
@@ -66,6 +81,8 @@ def write_submission(
         )
     lines = ["index\tprediction"]
     lines += [f"{ex.idx}\t{_format(spec, p, i)}" for i, (ex, p) in enumerate(zip(examples, preds))]
-    path = Path(output_dir) / f"{spec.submission_names[split]}.tsv"
-    write_text(path, "\n".join(lines) + "\n")
+    try:
+        write_text(path, "\n".join(lines) + "\n")
+    except OSError as e:
+        raise DiffpruneError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
     return path

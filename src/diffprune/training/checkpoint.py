@@ -9,12 +9,17 @@ moment (SIGKILL included) leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -43,8 +48,7 @@ def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: It
     also clears `artifacts` (what a method saves), so no old patch or model outlives its run. A
     folder that holds no run is never cleared, and one that already has an artifact's name in
     it (a `model/` of the user's) is refused."""
-    if output.exists() and not output.is_dir():
-        raise DiffpruneError(f"--output {output} is a file, not a folder")
+    check_writable(output)
     used = [m for m in RUN_MARKERS if (output / m).exists()]
     if resume:
         if not latest_checkpoint(output) and not (output / "settings.json").exists():
@@ -52,19 +56,77 @@ def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: It
         return
     if used and not overwrite:
         raise DiffpruneError(f"{output} already holds a run ({used[0]}); pass --overwrite to replace it or --resume to continue it")
-    if not used:
-        foreign = [a for a in artifacts if (output / a).exists()]
-        if foreign:  # not a run's: the user's own (a base model in `model/`, say), never to be replaced
-            raise DiffpruneError(f"{output} holds no run but has a '{foreign[0]}' where a run writes its "
-                                 "artifact; choose another --output")
-    else:  # a run, and --overwrite (refused above without it)
-        for m in (*RUN_MARKERS, "log.csv", "tensorboard", "best.safetensors", *artifacts):
-            path = output / m
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
+    foreign = [a for a in artifacts if (output / a).exists()]
+    if not used and foreign:  # not a run's: the user's own (a base model in `model/`, say), never to be replaced
+        raise DiffpruneError(f"{output} holds no run but has a '{foreign[0]}' where a run writes its "
+                             "artifact; choose another --output")
+    with writing_into(output):
+        if used:  # a run, and --overwrite (refused above without it)
+            for m in (*RUN_MARKERS, "log.csv", "tensorboard", "best.safetensors", *artifacts):
+                path = output / m
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        output.mkdir(parents=True, exist_ok=True)
+    check_writable(output)  # the folder itself now: it may exist read-only in a writable parent
+
+
+def check_writable(output: Path) -> None:
+    """Refuse an output the run could not write, before anything is loaded: a file, a read-only
+    folder or file system, a full disk. Probed on the folder, or on its nearest existing parent
+    when it is not made yet, by writing (and removing) a small file: permissions alone do not
+    show a read-only mount to root, nor a full disk to anyone."""
+    if output.exists() and not output.is_dir():
+        raise DiffpruneError(f"--output {output} is a file, not a folder")
+    folder = output
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DiffpruneError(f"--output {output} cannot be made: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffprune-probe-", dir=folder)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)  # a full disk may accept the write and refuse only the flush
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise DiffpruneError(f"--output {output} cannot be written: {_reason(e)} ({folder})") from None
+
+
+@contextmanager
+def writing_into(output: Path) -> Iterator[None]:
+    """Turn a failed write into the run folder (read-only, disk full) into a one-line error.
+    safetensors reports such failures as SafetensorError, whose text holds the OS reason."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise DiffpruneError(f"cannot write into {output}: {_safetensors_reason(e)}") from None
+    except OSError as e:
+        where = e.filename if e.filename is not None else output
+        raise DiffpruneError(f"cannot write {where}: {_reason(e)}") from None
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return e.strerror or first_line(e)
+
+
+def _safetensors_reason(e: SafetensorError) -> str:
+    """The OS reason inside safetensors' text (`IoError(Os { code: 28, ... })`), if it holds one."""
+    code = re.search(r"\bcode: (\d+)", str(e))
+    return _reason(OSError(int(code[1]), os.strerror(int(code[1])))) if code else first_line(e)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding an inf or NaN, if any."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -92,7 +154,7 @@ def save_checkpoint(
     `scaler`: fp16's gradient scaler, whose loss scale decides which steps are skipped."""
     root = output / "checkpoints"
     name = f"step-{progress.global_step}"
-    with atomic_dir(root / name) as tmp:
+    with writing_into(output), atomic_dir(root / name) as tmp:
         save_file(_contiguous(trainable), tmp / "trainable.safetensors")
         if best is not None:
             save_file(_contiguous(best), tmp / "best.safetensors")
@@ -106,7 +168,8 @@ def save_checkpoint(
             tmp / "state.pt",
         )
         (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
-    write_text(root / "latest", name)
+    with writing_into(output):
+        write_text(root / "latest", name)
     for old in root.iterdir():  # only the newest is needed to resume (and a killed write leaves a .tmp)
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -154,7 +217,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def save_settings(output: Path, settings: dict[str, Any]) -> None:
-    write_json(output / "settings.json", settings)
+    with writing_into(output):
+        write_json(output / "settings.json", settings)
 
 
 def check_resumable(output: Path, computation: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:

@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffprune.errors import DiffpruneError, TrainingDiverged
-from diffprune.training.checkpoint import Checkpoint, Progress, rng_state, save_checkpoint
+from diffprune.training.checkpoint import (
+    Checkpoint,
+    Progress,
+    latest_checkpoint,
+    non_finite,
+    rng_state,
+    save_checkpoint,
+)
 from diffprune.training.logger import RunLogger
 from diffprune.training.phases import Phase, build_optimizer, build_scheduler
 
@@ -87,6 +94,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
             if phase.on_start:
                 phase.on_start()
         groups = phase.param_groups()
+        trained = [p for g in groups for p in g.params]
         total = phase.total_steps(steps_per_epoch)
         optimizer = build_optimizer(groups)
         scheduler = build_scheduler(optimizer, groups, total, phase.warmup_ratio)
@@ -100,10 +108,16 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
 
         def checkpoint() -> None:
             progress.seconds = time.perf_counter() - clock
+            state = ctx.trainable_state()
+            # The steps' check covers the trained parameters; this one also the state beside them
+            # (e.g. the controller's penalty weight), so no checkpoint ever holds a non-finite value.
+            bad = non_finite(state)
+            if everyone_agrees(acc, bad is not None):
+                raise TrainingDiverged(divergence(f"{bad or 'a trained tensor'} is not finite",
+                                                  progress.global_step, phase.name, ctx.output))
             rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
             if acc.is_main_process:
-                save_checkpoint(ctx.output, progress, ctx.trainable_state(), best, optimizer, scheduler, rngs,
-                                scaler=acc.scaler)
+                save_checkpoint(ctx.output, progress, state, best, optimizer, scheduler, rngs, scaler=acc.scaler)
                 ctx.logger.flush()
             acc.wait_for_everyone()
 
@@ -122,39 +136,39 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
         bar = tqdm(total=total, initial=progress.phase_step, desc=phase.name, disable=not acc.is_local_main_process,
                    dynamic_ncols=True)
         ctx.model.train()
-        while progress.phase_step < total:
+        while progress.phase_step < total and not phase.stopped():
             epoch, start = divmod(progress.phase_step, steps_per_epoch)
             batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, index, epoch)[start:]
             shares = [shard_with_weight(b, acc) for b in batches]
             loader = DataLoader(ctx.train_set, batch_sampler=[mine for mine, _ in shares],
                                 collate_fn=ctx.collator, generator=torch.Generator())
             for (_, weight), batch in zip(shares, loader):
+                step = progress.global_step + 1
                 try:
                     terms, stepped = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch,
                                                 weight, ctx.max_grad_norm)
+                    progress.phase_step += 1
+                    progress.global_step += 1
+                    if phase.after_step and stepped:
+                        phase.after_step(progress.phase_step, total)
+                    check_weights(acc, trained)  # after after_step, which may move weights too
                 except FloatingPointError as e:
-                    raise TrainingDiverged(
-                        f"{e} at step {progress.global_step + 1} (phase {phase.name}); "
-                        f"the last good checkpoint is kept in {ctx.output / 'checkpoints'}"
-                    ) from None
-                progress.phase_step += 1
-                progress.global_step += 1
-                if phase.after_step and stepped:
-                    phase.after_step(progress.phase_step, total)
+                    raise TrainingDiverged(divergence(str(e), step, phase.name, ctx.output)) from None
                 bar.update(1)
                 if progress.global_step % ctx.log_every == 0 or progress.phase_step == total:
                     terms = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
+                    bar.set_postfix_str(loss_summary(terms))
                     terms["lr"] = scheduler.get_last_lr()[0]
                     terms.update(phase.metrics() if phase.metrics else {})
                     ctx.logger.log(progress.global_step, phase.name, progress.phase_step / steps_per_epoch, terms)
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                epoch_done = progress.phase_step % steps_per_epoch == 0 or progress.phase_step == total
+                stop = phase.stopped()  # the phase's own stop rule (e.g. a sparsity reached)
+                epoch_done = progress.phase_step % steps_per_epoch == 0 or progress.phase_step == total or stop
                 if epoch_done:
                     evaluate()
                     ctx.model.train()
                 if epoch_done or (ctx.checkpoint_every and progress.global_step % ctx.checkpoint_every == 0):
                     checkpoint()
-                if progress.phase_step == total:
+                if progress.phase_step == total or stop:
                     break
         bar.close()
         if acc.num_processes > 1:
@@ -164,6 +178,45 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
         resume = None
     progress.seconds = time.perf_counter() - clock
     return progress
+
+
+def loss_summary(terms: dict[str, float]) -> str:
+    """The progress bar's loss: the task loss first, the other terms apart. Their sum would hide
+    it: diff pruning's L0 penalty alone climbs into the hundreds while the task loss falls."""
+    others = "  ".join(f"{k} {v:.4g}" for k, v in terms.items() if k not in ("loss", "task_loss"))
+    return f"task_loss {terms['task_loss']:.4f}" + (f"  ({others})" if others else "")
+
+
+def everyone_agrees(acc: Accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any: a verdict that stops the run must be
+    reached by all processes alike, or those that go on wait for the others forever."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum").item())
+
+
+@torch.no_grad()
+def check_weights(acc: Accelerator, params: list[torch.Tensor]) -> None:
+    """Raise FloatingPointError if a trained tensor holds an inf or NaN after a step.
+
+    A finite loss and finite gradients do not make finite weights: a learning rate too large
+    for float32 (1e39 is inf) writes inf into every entry it moves. One sum per tensor finds
+    them (inf or NaN anywhere makes the sum non-finite); only a non-finite sum, which huge
+    finite entries can also give, pays for the exact elementwise test."""
+    # float32 sums at least: a float16 sum of a large finite tensor would overflow on its own
+    sums = torch.stack([p.sum(dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+                       ) if params else torch.zeros(0)
+    bad = not bool(torch.isfinite(sums).all()) and not all(bool(torch.isfinite(p).all()) for p in params)
+    if everyone_agrees(acc, bad):
+        raise FloatingPointError("a trained weight became infinite or NaN")
+
+
+def divergence(what: str, step: int, phase: str, output: Path) -> str:
+    """The one-line report of a diverged run: what, where, and the checkpoint left to resume."""
+    kept = latest_checkpoint(output)
+    where = (f"the last finite checkpoint is {kept} (step {kept.name.removeprefix('step-')})" if kept
+             else "no checkpoint was written before it")
+    return f"training diverged: {what} at step {step} (phase {phase}); {where}"
 
 
 @torch.no_grad()
