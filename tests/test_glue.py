@@ -20,6 +20,7 @@ from diffprune.glue import (
     get_task,
     load_hub_split,
     load_split,
+    majority_class_metrics,
     make_collator,
     predictions_from_logits,
     read_glue_split,
@@ -344,6 +345,21 @@ def test_predictions_from_logits():
         predictions_from_logits("mnli", np.zeros((2, 2)))
 
 
+def test_majority_class_metrics_answer_the_most_frequent_dev_label():
+    # MRPC's shipped dev set: 279 paraphrases of 408; "paraphrase" throughout has precision
+    # 279/408 and recall 1, so F1 = 2 * 279 / (279 + 408)
+    dev = [e.label for e in read_glue_split("MRPC", "dev", REPO / "data" / "glue")]
+    assert majority_class_metrics("MRPC", dev) == pytest.approx(
+        {"f1": 2 * 279 / 687, "accuracy": 279 / 408, "score": 2 * 279 / 687})
+    assert majority_class_metrics("RTE", [1, 0, 1]) == pytest.approx({"accuracy": 2 / 3, "score": 2 / 3})
+    assert majority_class_metrics("MNLI", [2, 0, 2, 1]) == pytest.approx({"accuracy": 0.5, "score": 0.5})
+    assert majority_class_metrics("WNLI", [1, 0]) == pytest.approx({"accuracy": 0.5, "score": 0.5})  # tie: id 0
+    assert majority_class_metrics("CoLA", [1, 1, 0]) == {"mcc": 0.0, "score": 0.0}  # a constant has no MCC
+    assert majority_class_metrics("STS-B", [0.5, 4.0, 2.5]) == {"pearson": 0.0, "spearman": 0.0, "score": 0.0}
+    with pytest.raises(DiffpruneError, match="zero examples"):
+        majority_class_metrics("RTE", [])
+
+
 # ---------------------------------------------------------------- submissions
 
 
@@ -369,6 +385,16 @@ def test_submission_mnli_file_names_and_binary_ints(tmp_path):
     assert mm.name == "MNLI-mm.tsv" and mm.read_text().splitlines()[3] == "2\tcontradiction"
     sst = write_submission("sst2", "test", [Example(5, ("x",), None)], [1], tmp_path)
     assert sst.name == "SST-2.tsv" and sst.read_text() == "index\tprediction\n5\t1\n"
+
+
+def test_an_existing_submission_is_replaced_only_when_asked(tmp_path):
+    examples = read_glue_split("RTE", "test", FIXTURES)[:2]
+    path = write_submission("rte", "test", examples, [0, 0], tmp_path)
+    with pytest.raises(DiffpruneError, match=f"^{path} already exists; pass --overwrite to replace it$"):
+        write_submission("rte", "test", examples, [1, 1], tmp_path)
+    assert path.read_text().splitlines()[1] == "0\tentailment"  # the first one, untouched
+    write_submission("rte", "test", examples, [1, 1], tmp_path, overwrite=True)
+    assert path.read_text().splitlines()[1] == "0\tnot_entailment"
 
 
 def test_submission_errors(tmp_path):
@@ -410,3 +436,22 @@ def test_real_glue_files_load_fully():
         if (task, split) in REAL_CLASS_COUNTS:
             counts = {c: sum(e.label == c for e in examples) for c in (0, 1)}
             assert counts == REAL_CLASS_COUNTS[task, split], (task, split)
+
+
+def test_the_shipped_data_is_what_its_sources_file_lists():
+    """data/glue ships MRPC's train, dev and (unlabeled) test splits, each as SOURCES.md lists it,
+    so that the README's run and `predict` on it work in a fresh clone without a network."""
+    import hashlib
+    import re
+
+    shipped = REPO / "data" / "glue"
+    table = re.findall(r"^\| (MRPC/\w+\.tsv) \| ([0-9a-f]{64}) \| (\d+)", (shipped / "SOURCES.md").read_text(), re.M)
+    assert sorted(name for name, _, _ in table) == ["MRPC/dev.tsv", "MRPC/test.tsv", "MRPC/train.tsv"]
+    for name, digest, rows in table:
+        assert hashlib.sha256((shipped / name).read_bytes()).hexdigest() == digest, name
+        split = name.split("/")[1].removesuffix(".tsv")
+        examples = read_glue_split("MRPC", split, shipped)
+        assert len(examples) == int(rows), name
+        assert all(e.label is None for e in examples) == (split == "test"), name
+    test = read_glue_split("MRPC", "test", shipped)
+    assert [e.idx for e in test] == list(range(1725))  # the ids a submission file must use
