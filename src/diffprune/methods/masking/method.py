@@ -19,7 +19,7 @@ from diffprune.base import BaseModel
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
 from diffprune.methods.masking.options import MagnitudeOptions, MaskOptions
 from diffprune.methods.registry import Method, register
-from diffprune.patch import SparseDiff, TaskPatch
+from diffprune.patch import TaskPatch
 from diffprune.pruning.masked import MaskedModel
 from diffprune.pruning.schedule import PruningSchedule
 from diffprune.pruning.targets import prune_targets
@@ -100,11 +100,8 @@ class MaskMethod(Method):
 
     # -- the artifact ----------------------------------------------------------------------
     def to_patch(self, model: MaskedModel, base: BaseModel, record: dict) -> TaskPatch:
-        diffs = {}
-        for name, keep in zip(model.names, model.kept()):
-            off = (~keep).reshape(-1).nonzero().squeeze(1)
-            diffs[name] = SparseDiff(tuple(keep.shape), off, torch.zeros(0), kind="mask")
-        return TaskPatch(diffs, head_state(model.model, base), patch_meta(base, self, record))
+        switched_off = {name: ~keep for name, keep in zip(model.names, model.kept())}
+        return TaskPatch.from_masks(switched_off, head_state(model.model, base), patch_meta(base, self, record))
 
     def save(self, model: nn.Module, base: BaseModel, output: Path, record: dict) -> dict[str, int]:
         files = save_patch(self.to_patch(model, base, record), output, "float32")
