@@ -4,7 +4,8 @@ For each trained fp32 patch given (default: every benchmarks/runs/*/patch.safete
 method), write fp32 / fp16 / bf16 copies, compare each file's bytes with the information bound
 (`bound_bytes`: log2 C(n, k) bits for each kind's positions + 16 bits per stored value) and
 score each copy on the dev set, so that "fp16 loses nothing" is measured, not assumed. Then time
-apply + revert of the patch on the packaged model (median of --repeats) and check that revert restores the base bit for bit.
+apply + revert of the patch on the packaged model (median of --repeats) and check that revert
+restores the base bit for bit.
 Appends {"kind": "storage", ...} records to results/storage.jsonl.
 
     python benchmarks/storage.py --data-dir ../shared/data/glue

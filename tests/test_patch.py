@@ -557,6 +557,16 @@ def test_a_patch_already_applied_is_refused(base):
     assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
     with second.apply(base):  # reverted: free again
         pass
+    # Applied for good (its handle dropped, as evaluate_patch does): the model still refuses a
+    # second patch, and nothing keeps the handle's copies of the original entries alive.
+    import gc
+    import weakref
+
+    handle = weakref.ref(first.apply(base))
+    gc.collect()
+    assert handle() is None
+    with pytest.raises(DiffpruneError, match="applied before and not reverted"):
+        second.apply(base)
 
 
 def test_apply_onto_a_plain_module(base):

@@ -39,6 +39,16 @@ if TYPE_CHECKING:
     from diffprune.patch.taskpatch import TaskPatch
 
 
+class _Written(list):
+    """(parameter, version, storage) of each tensor an apply wrote, right after it wrote them.
+    The model's state keeps this, not the AppliedPatch, so that a handle nobody will revert
+    (a model patched for good) does not keep the original entries alive with the model."""
+
+    def unchanged(self) -> bool:
+        """Whether those tensors still hold exactly what the apply wrote (nothing wrote there since)."""
+        return all(p._version == v and p.data_ptr() == ptr for p, v, ptr in self)
+
+
 def _key(params: dict[str, nn.Parameter]) -> tuple:
     """What torch tells cheaply about the contents of `params` (~40 us for MiniLM's 103 tensors)."""
     return tuple((n, id(p), p.data_ptr(), p.dtype, p.shape, p._version) for n, p in params.items())
@@ -59,11 +69,11 @@ class _Fingerprint:
 
 class _ModelState:
     """What diffprune knows about one model between calls: cached fingerprints (one per set of
-    base parameter names) and the patch applied to it and not yet reverted."""
+    base parameter names) and what the last apply not yet reverted wrote."""
 
     def __init__(self) -> None:
         self.fingerprints: dict[tuple[str, ...], _Fingerprint] = {}
-        self.applied: AppliedPatch | None = None
+        self.applied: _Written | None = None
 
     def fingerprint(self, params: dict[str, nn.Parameter]) -> _Fingerprint:
         names, key = tuple(params), _key(params)
@@ -74,7 +84,7 @@ class _ModelState:
         return cached
 
     def reverted(self, applied: AppliedPatch, intact: bool) -> None:
-        if self.applied is applied:
+        if self.applied is applied._written:
             self.applied = None
         before = applied._fingerprint
         if not intact or before is None or self.fingerprints.get(before.names) is not before:
@@ -108,17 +118,13 @@ class AppliedPatch:
         self._undo: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._head: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._touched_base: dict[str, nn.Parameter] = {}
-        self._after: list[tuple[nn.Parameter, int, int]] = []  # (parameter, version, storage) after apply
+        self._written = _Written()
         self._state, self._fingerprint = state, fingerprint
         self._reverted = False
 
     def _seal(self) -> None:
         params = [*self._touched_base.values(), *(p for p, _ in self._head)]
-        self._after = [(p, p._version, p.data_ptr()) for p in params]
-
-    def is_intact(self) -> bool:
-        """Whether the model still holds exactly what apply wrote (nothing wrote there since)."""
-        return not self._reverted and all(p._version == v and p.data_ptr() == ptr for p, v, ptr in self._after)
+        self._written = _Written((p, p._version, p.data_ptr()) for p in params)
 
     def _restore(self) -> None:
         with torch.no_grad():
@@ -126,14 +132,15 @@ class AppliedPatch:
                 if pos is None:
                     flat.copy_(original)
                 else:
-                    flat.scatter_(0, pos, original)  # positions are unique; several times faster than index_copy_ on CPU
+                    # positions are unique; several times faster than index_copy_ on CPU
+                    flat.scatter_(0, pos, original)
             for p, original in reversed(self._head):
                 p.copy_(original)
 
     def revert(self) -> None:
         if self._reverted:
             raise DiffpruneError("this patch has already been reverted from the model")
-        intact = self.is_intact()
+        intact = self._written.unchanged()
         self._restore()
         self._reverted = True
         if self._state is not None:
@@ -159,7 +166,7 @@ def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module) -> AppliedPatch
     base_params = _base_params(patch, params, target)
     _check_fits(patch, params, base_params, target)
     state = _state_of(model)
-    if state.applied is not None and state.applied.is_intact():
+    if state.applied is not None and state.applied.unchanged():
         raise DiffpruneError(f"patch {patch._label()} cannot be applied: the model carries a patch applied "
                              "before and not reverted (revert that one first)")
     found = state.fingerprint(base_params)
@@ -170,7 +177,7 @@ def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module) -> AppliedPatch
         )
     applied = AppliedPatch(state, found)
     _write(patch, params, applied)
-    state.applied = applied
+    state.applied = applied._written
     return applied
 
 

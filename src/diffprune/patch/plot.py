@@ -98,7 +98,8 @@ def plot_patches(patches: dict[str, TaskPatch], shapes: dict[str, tuple[int, ...
         shown = np.where(grid > 0, grid, np.nan)  # zero density is left blank, not the palest colour
         image = ax.imshow(shown, aspect="auto", cmap="viridis", norm=LogNorm(vmin=low, vmax=max(high, low * 1.01)))
         for (where, tensor_type), mark in kind_marks(patches[label], shapes).items():
-            ax.text(places.index(where), types.index(tensor_type), mark, ha="center", va="center", fontsize=6, color="red")
+            ax.text(places.index(where), types.index(tensor_type), mark, ha="center", va="center", fontsize=6,
+                    color="red")
             used_marks.update(mark.split("+"))
         ax.set_title(panel_title(label, patches[label]), fontsize=9)
         ax.set_xticks(range(len(places)), [p.replace("layer ", "L") for p in places], rotation=90, fontsize=7)

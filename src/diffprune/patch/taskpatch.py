@@ -204,7 +204,9 @@ class TaskPatch:
         against the patch's) or a plain torch module, after checking on the model itself that its
         base weights are those the patch was made for (their fingerprint, cached per model). A
         model that carries a patch already, or another base, is refused. Returns a handle whose
-        `revert()` restores the model bit for bit (also a context manager)."""
+        `revert()` restores the model bit for bit (also a context manager). The cached
+        fingerprint follows every change torch tracks; writes through `.data` or a numpy view
+        are not tracked (apply.py)."""
         return apply_patch(self, target)
 
     def info(self) -> dict:
