@@ -690,3 +690,9 @@ def test_the_package_root_exports_the_api_without_importing_torch():
             "patch.TaskPatch); assert TrainSettings is api.TrainSettings and set(diffprune.__all__) <= set(dir(diffprune))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_negative_base_parameter_count_is_refused(base):
+    patch, _, _ = _random_patch(base)
+    with pytest.raises(DiffpruneError, match="'base_params' is negative: -5"):
+        TaskPatch(patch.diffs, patch.head, {**patch.meta, "base_params": -5})

@@ -71,6 +71,8 @@ def commands(trained, other_tiny, tmp_path_factory):
         "apply_other": ("patch", "apply", str(first), "--base", other_tiny, "--output", str(paths["applied"])),
         "truncated": ("patch", "info", str(truncated)),
         "plot": ("patch", "plot", str(first), str(second), "--output", str(paths["png"])),
+        "plot_no_suffix": ("patch", "plot", str(first), "--output", str(work / "plots" / "bare")),
+        "plot_bad_suffix": ("patch", "plot", str(first), "--output", str(work / "plots" / "x.pdfx")),
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(cli, *a) for name, a in args.items()}
@@ -113,6 +115,10 @@ def test_patch_info_json(trained, commands):
     assert info["method"] == "diff-struct" and info["task"] == "MRPC"
     assert info["value_dtype"] == "float16"
     assert sum(t["nnz"] for t in info["tensors"]) == record["nnz"]
+    # everything eval needs to score it as trained, and the method's options
+    assert info["max_seq_length"] == record["settings"]["max_seq_length"]
+    assert info["problem_type"] == "single_label_classification"
+    assert info["config"]["budget"] == 0.01
 
 
 def test_patch_info_text(trained, commands):
@@ -196,3 +202,13 @@ def test_plot_two_patches(commands):
     assert str(paths["png"]) in _ok(results["plot"]).stdout
     data = Path(paths["png"]).read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_plot_adds_png_to_a_bare_name_and_refuses_a_format_it_cannot_write(commands):
+    results, paths = commands
+    bare = paths["png"].parent / "bare.png"
+    assert _ok(results["plot_no_suffix"]).stdout.strip() == f"wrote {bare}"
+    assert bare.read_bytes()[:8] == PNG_MAGIC
+    line = _one_line_error(results["plot_bad_suffix"])
+    assert "cannot write a plot as '.pdfx'" in line and ".png" in line
+    assert not (paths["png"].parent / "x.pdfx").exists()

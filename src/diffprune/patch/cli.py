@@ -33,8 +33,9 @@ def info_command(file: str, as_json: bool) -> None:
         return
     click.echo(f"{file}: {info['method']} patch for {info['task']} on {info['base']}")
     click.echo(f"  base fingerprint {info['fingerprint']}")
+    share = f"{100 * info['density']:.3f}%" if info["density"] is not None else "share unknown"
     click.echo(f"  {info['nnz']:,} changed entries of {info['base_params']:,} base parameters "
-               f"({100 * (info['density'] or 0):.3f}%), {info['bytes']:,} bytes, values {info['value_dtype']}")
+               f"({share}), {info['bytes']:,} bytes, values {info['value_dtype']}")
     click.echo(f"  {len(info['tensors'])} tensors changed; head: " + ", ".join(h["name"] for h in info["head"]))
     click.echo("  by kind: " + kind_counts(info))
     if info.get("metrics"):
@@ -80,16 +81,18 @@ def export_command(file: str, output: str, model: str | None) -> None:
 
 @patch_group.command("plot")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="Image file to write: .png (added if the name has no suffix), .pdf, .svg, ...")
 @click.option("--base", "model", default=None, help="Base model (default: the one the first patch names).")
 def plot_command(files: tuple[str, ...], model: str | None, output: str) -> None:
     """Where each patch's changes live: density per layer and per type of tensor, side by side
     (switched-off and sparse entries marked)."""
     from diffprune.patch import TaskPatch
     from diffprune.patch.ops import base_for
-    from diffprune.patch.plot import panel_labels, plot_patches
+    from diffprune.patch.plot import panel_labels, plot_path, plot_patches
 
     def plot() -> str:
+        target = plot_path(output)  # before anything loads: a bad file name fails at once
         loaded = [TaskPatch.load(f) for f in files]
         patches = dict(zip(panel_labels(files, loaded), loaded))
         first = next(iter(patches.values()))
@@ -98,6 +101,6 @@ def plot_command(files: tuple[str, ...], model: str | None, output: str) -> None
             if p.meta["fingerprint"] != base.fingerprint:
                 raise DiffpruneError(f"{label} was made for base {p.meta['fingerprint']}, not {base.fingerprint}")
         shapes = {n: tuple(t.shape) for n, t in base.base_parameters().items()}
-        return str(plot_patches(patches, shapes, output))
+        return str(plot_patches(patches, shapes, target))
 
     click.echo(f"wrote {_run(plot)}")

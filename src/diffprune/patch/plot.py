@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffprune.errors import DiffpruneError
 from diffprune.patch.kinds import ADD, KINDS, MASK, SPARSE
 from diffprune.patch.taskpatch import TaskPatch
 
@@ -75,6 +76,24 @@ def panel_title(label: str, patch: TaskPatch) -> str:
     return f"{label}\n{counts} ({100 * patch.nnz / base_params:.2f}%)"
 
 
+def plot_path(output: str | Path) -> Path:
+    """Where the plot goes: `output`, with .png added if it has no suffix; a suffix matplotlib
+    cannot write is an error."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output = Path(output)
+    if not output.suffix:
+        return output.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if output.suffix[1:].lower() not in formats:
+        raise DiffpruneError(f"cannot write a plot as '{output.suffix}'; use one of "
+                             + ", ".join(f".{f}" for f in sorted(formats)))
+    return output
+
+
 def plot_patches(patches: dict[str, TaskPatch], shapes: dict[str, tuple[int, ...]], output: str | Path) -> Path:
     """One heatmap per patch (rows: types of tensor, columns: where), on one colour scale."""
     import matplotlib
@@ -108,7 +127,7 @@ def plot_patches(patches: dict[str, TaskPatch], shapes: dict[str, tuple[int, ...
     if used_marks:
         note = "; ".join(f"{mark}: {words}" for mark, words in MARKS.values() if mark in used_marks)
         fig.text(0.01, -0.02, f"{note}; unmarked: added diffs", fontsize=7, ha="left", va="top")
-    output = Path(output)
+    output = plot_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=130, bbox_inches="tight")
     plt.close(fig)

@@ -45,6 +45,8 @@ def _check_meta_types(meta: dict) -> None:
         raise DiffpruneError("patch meta 'metrics' must map names to numbers")
     if any(not isinstance(v, str) for v in meta.get("labels") or []):
         raise DiffpruneError("patch meta 'labels' must be a list of strings")
+    if meta.get("base_params", 0) < 0:
+        raise DiffpruneError(f"patch meta 'base_params' is negative: {meta['base_params']}")
 
 
 def _check_diff(name: str, d: object) -> None:
@@ -229,7 +231,8 @@ class TaskPatch:
             "value_dtype": self._value_dtype,
             "position_bytes": pos_bytes,
             "fingerprint": self.meta["fingerprint"],
-            **{k: self.meta.get(k) for k in ("base", "method", "task", "labels", "num_labels", "metrics")},
+            **{k: self.meta.get(k) for k in ("base", "method", "task", "labels", "num_labels", "problem_type",
+                                             "max_seq_length", "metrics", "config")},
             "library_version": self.meta.get("library_version"),
             "head": [{"name": n, "shape": list(t.shape)} for n, t in self.head.items()],
             "tensors": tensors,
