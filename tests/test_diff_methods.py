@@ -15,7 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import GLUE_FIXTURES, LogitSpy, tiny_bert, train_in_process
+from conftest import GLUE_FIXTURES, LogitSpy, run_cli, tiny_bert, train_in_process
 from diffprune import api
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
@@ -311,6 +311,18 @@ def test_unknown_diff_option_values_are_refused(tmp_path, tiny_model):
         build_method("diff", {"budget": "0.5%"})
     with pytest.raises(DiffpruneError, match="no base parameter matches"):
         build_method("diff", {"diff_include": "nothing*"}).prepare(load_base(tiny_model))
+
+
+@pytest.mark.parametrize("method", ["diff-struct", "shira"])
+def test_a_non_positive_budget_is_refused_before_the_model_loads(method, tmp_path):
+    for budget in (0.0, -0.01):
+        with pytest.raises(DiffpruneError, match="--budget must be positive"):
+            build_method(method, {"budget": budget})
+    # the budget is checked first: the model folder named here does not exist, and is never looked at
+    result = run_cli("train", "--method", method, "--budget", "0", "--model", str(tmp_path / "absent"),
+                     "--output", str(tmp_path / "run"))
+    assert result.returncode == 1 and "--budget must be positive" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("budget, factor", [(0.01, 5), (0.005, 5), (0.0025, 10), (0.001, 15), (0.0002, 15)])
