@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import diffprune
 from diffprune.api import evaluate_patch
 from diffprune.patch import ADD, KINDS, MASK, TaskPatch, information_bound_bits
 from diffprune.patch.ops import base_for
@@ -49,7 +50,9 @@ def bound_bytes(patch: TaskPatch, value_bits: int = 16) -> float:
     return bits / 8
 
 
-def time_apply_revert(patch: TaskPatch, repeats: int) -> tuple[float, float, bool]:
+def time_apply_revert(patch: TaskPatch, repeats: int) -> tuple[float, float, bool, int]:
+    """Median apply and revert ms, whether revert is bit-exact, and the bytes of a full fp32
+    copy of the task model (base and head), what the patch stands in for."""
     base = base_for(patch)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     apply_t, revert_t = [], []
@@ -62,7 +65,8 @@ def time_apply_revert(patch: TaskPatch, repeats: int) -> tuple[float, float, boo
         apply_t.append(t1 - t0)
         revert_t.append(t2 - t1)
     exact = all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
-    return statistics.median(apply_t) * 1e3, statistics.median(revert_t) * 1e3, exact
+    copy_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    return statistics.median(apply_t) * 1e3, statistics.median(revert_t) * 1e3, exact, copy_bytes
 
 
 def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
@@ -73,7 +77,7 @@ def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
             copy = Path(tmp) / f"{dtype}.safetensors"
             sizes[dtype] = patch.save(copy, value_dtype=dtype)
             scores[dtype] = evaluate_patch(copy, data_dir=data_dir)["score"]
-    apply_ms, revert_ms, exact = time_apply_revert(patch, repeats)
+    apply_ms, revert_ms, exact, copy_bytes = time_apply_revert(patch, repeats)
     bound = bound_bytes(patch)
     lora = _lora_adapter_bytes(patch.meta.get("task"))
     return {
@@ -84,7 +88,7 @@ def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
         "dev_score": scores, "fp16_minus_fp32": scores["float16"] - scores["float32"],
         "apply_ms": round(apply_ms, 3), "revert_ms": round(revert_ms, 3),
         "apply_revert_ms": round(apply_ms + revert_ms, 3), "revert_bit_exact": exact,
-        "lora_r8_adapter_bytes": lora,
+        "lora_r8_adapter_bytes": lora, "full_copy_bytes": copy_bytes, "library_version": diffprune.__version__,
     }
 
 

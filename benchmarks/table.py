@@ -152,13 +152,15 @@ def render_cost(records: list[dict]) -> str:
 def render_storage(records: list[dict]) -> str:
     if not records:
         return "No storage measurement yet (`python benchmarks/storage.py`).\n"
-    lines = ["| patch | nnz | bound B | fp32 B | fp16 B | fp16 / bound | dev fp32 | dev fp16 | dev bf16 | "
-             "apply + revert ms | revert exact | LoRA r8 adapter B |", "|---" * 12 + "|"]
+    lines = ["| patch | nnz (by kind) | bound B | fp32 B | fp16 B | fp16 / bound | full copy / fp16 | dev fp32 | "
+             "dev fp16 | dev bf16 | apply + revert ms | revert exact | LoRA r8 adapter B |", "|---" * 13 + "|"]
     for r in records:
         b, d = r["bytes"], r["dev_score"]
         lora = f"{r['lora_r8_adapter_bytes']:,}" if r.get("lora_r8_adapter_bytes") else "–"
-        lines.append(f"| {r['patch']} | {r['nnz']:,} | {r['bound_bytes']:,} | {b['float32']:,} | {b['float16']:,} | "
-                     f"{r['bytes_over_bound_fp16']:.3f} | {100 * d['float32']:.2f} | {100 * d['float16']:.2f} | "
+        kinds = ", ".join(f"{k} {n:,}" for k, n in r.get("nnz_by_kind", {"add": r["nnz"]}).items() if n)
+        copy = f"{r['full_copy_bytes'] / b['float16']:.0f}x" if r.get("full_copy_bytes") else "–"
+        lines.append(f"| {r['patch']} | {kinds} | {r['bound_bytes']:,} | {b['float32']:,} | {b['float16']:,} | "
+                     f"{r['bytes_over_bound_fp16']:.3f} | {copy} | {100 * d['float32']:.2f} | {100 * d['float16']:.2f} | "
                      f"{100 * d['bfloat16']:.2f} | {r['apply_revert_ms']:.2f} | {r['revert_bit_exact']} | {lora} |")
     return "\n".join(lines) + "\n"
 
