@@ -18,4 +18,5 @@ def first_line(error: BaseException) -> str:
 
 
 class TrainingDiverged(DiffpruneError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a gradient or a trained weight became NaN or infinite. The message names the
+    step and the last checkpoint, which never holds a non-finite value."""
