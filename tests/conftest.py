@@ -31,6 +31,20 @@ def tiny_bert(path: Path, dropout: float = 0.1, **overrides) -> Path:
     return path
 
 
+def tiny_bert_own_vocab(path: Path) -> Path:
+    """A 2-layer BERT (hidden 32) with a vocabulary of its own: 5 special tokens and w0 ... w94."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    BertForSequenceClassification(config).save_pretrained(path)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+    # vocab=, not vocab_file=: transformers 5 ignores the file and builds the 5 special tokens only
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread(request):
     """Tiny models run fastest on one thread (more only add synchronisation, and fight any other

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_bert_own_vocab
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
 from diffprune.patch import SparseDiff, TaskPatch, export_model, information_bound_bits
@@ -14,16 +15,7 @@ from diffprune.patch import SparseDiff, TaskPatch, export_model, information_bou
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-    BertForSequenceClassification(config).save_pretrained(path)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
-    # vocab=, not vocab_file=: transformers 5 ignores the file and builds the 5 special tokens only
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(path)
-    return path
+    return tiny_bert_own_vocab(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture
