@@ -179,3 +179,19 @@ def test_a_mask_patch_is_refused_on_another_base(runs, tmp_path):
         TaskPatch.load(out / "patch.safetensors").apply(other)
     assert record["fingerprint"] in str(error.value) and other.fingerprint in str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
+
+
+def test_the_head_rate_follows_lr_where_the_head_is_what_trains(tiny_model):
+    from diffprune.training.settings import TrainSettings
+
+    def rates(method, **settings):
+        m = build_method(method, {"sparsity": 0.5})
+        base = load_base(tiny_model)
+        phases = m.phases(m.prepare(base), base, TrainSettings(method=method, **settings))
+        return [{g.name: g.lr for g in phase.param_groups()} for phase in phases]
+
+    assert rates("magnitude", lr=5e-4) == [{"head": 5e-4, "head_no_decay": 5e-4}] * 2
+    assert rates("magnitude", lr=5e-4, head_lr=2e-3)[1]["head"] == 2e-3
+    # abp's --lr is its scores'; its head keeps the mask methods' head rate unless --head-lr says
+    assert rates("abp", lr=1e-3)[0] == {"scores": 1e-3, "head": 1e-3, "head_no_decay": 1e-3}
+    assert rates("abp", lr=5e-4)[0]["head"] == 1e-3 and rates("abp", lr=5e-4, head_lr=3e-3)[1]["head"] == 3e-3

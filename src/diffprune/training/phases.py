@@ -63,6 +63,13 @@ def decay_split(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Para
     return decay, no_decay
 
 
+def head_groups(model: nn.Module, head_names: frozenset[str], lr: float, wd: float) -> list[ParamGroup]:
+    """The task head's groups, for a method that wraps the HF `model` and trains other tensors
+    beside it (diff values, mask scores)."""
+    decay, no_decay = decay_split((n, p) for n, p in model.named_parameters() if n in head_names)
+    return [ParamGroup("head", decay, lr, wd), ParamGroup("head_no_decay", no_decay, lr, 0.0)]
+
+
 def standard_groups(
     named: Iterable[tuple[str, nn.Parameter]], head_names: frozenset[str], lr: float, head_lr: float, wd: float
 ) -> list[ParamGroup]:

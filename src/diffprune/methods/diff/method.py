@@ -28,7 +28,7 @@ from diffprune.patch import TaskPatch
 from diffprune.patch.taskpatch import VALUE_DTYPES
 from diffprune.pruning.schedule import cubic_schedule
 from diffprune.pruning.topk import budget_count, budget_fraction, keep_largest, top_positions
-from diffprune.training.phases import ParamGroup, Phase, decay_split
+from diffprune.training.phases import ParamGroup, Phase, decay_split, head_groups
 from diffprune.training.settings import TrainSettings
 
 
@@ -102,10 +102,6 @@ class _DiffBase(Method):
         return False
 
     # -- phases --------------------------------------------------------------------------
-    def _head_groups(self, model: DiffModel, base: BaseModel, lr: float, wd: float) -> list[ParamGroup]:
-        decay, no_decay = decay_split((n, p) for n, p in model.model.named_parameters() if n in base.head_names)
-        return [ParamGroup("head", decay, lr, wd), ParamGroup("head_no_decay", no_decay, lr, 0.0)]
-
     def _fixed_phase(self, model: DiffModel, base: BaseModel, s: TrainSettings) -> Phase:
         c, lr = self.config, self.lr(s)
         fraction = budget_fraction(c.budget, base.num_base_params)
@@ -115,7 +111,7 @@ class _DiffBase(Method):
         return Phase(
             name="fixed-mask",
             param_groups=lambda: [ParamGroup("values", [model.values], fixed_lr)]
-            + self._head_groups(model, base, head_lr, s.weight_decay),
+            + head_groups(model.model, base.head_names, head_lr, s.weight_decay),
             epochs=epochs,
             max_steps=s.max_steps if epochs > 0 else None,
             warmup_ratio=s.warmup_ratio,
@@ -223,7 +219,7 @@ class _AdaptiveDiff(_DiffBase):
             return [
                 ParamGroup("w", list(model.w), lr, 0.0, max_grad_norm=clip),
                 ParamGroup("gates", model.gate_logits(), c.alpha_lr, 0.0, schedule="constant", max_grad_norm=clip),
-            ] + self._head_groups(model, base, head_lr, s.weight_decay)
+            ] + head_groups(model.model, base.head_names, head_lr, s.weight_decay)
 
         # keep_best off: the projection needs the L0 phase's last state, not its best epoch's.
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
@@ -260,7 +256,7 @@ class NonAdaptiveDiff(_DiffBase):
         def groups() -> list[ParamGroup]:
             decay, no_decay = decay_split(zip(model.names, model.w))
             return [ParamGroup("w", decay, lr, s.weight_decay), ParamGroup("w_no_decay", no_decay, lr, 0.0)] \
-                + self._head_groups(model, base, head_lr, s.weight_decay)
+                + head_groups(model.model, base.head_names, head_lr, s.weight_decay)
 
         # Cut gradually, the phase's last state is the one at the budget: no best epoch is restored.
         gradual = self.config.prune == "gradual"

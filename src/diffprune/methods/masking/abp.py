@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from diffprune.base import BaseModel
-from diffprune.methods.masking.method import MaskMethod
+from diffprune.methods.masking.method import HEAD_LR, MaskMethod
 from diffprune.methods.masking.options import AbpOptions
 from diffprune.methods.registry import register
 from diffprune.pruning.masked import MaskedModel
@@ -54,6 +54,10 @@ class AdaptingByPruning(MaskMethod):
         return {"t_forward": c.t_forward, "t_backward": c.t_backward, "init_mean": c.score_init_mean,
                 "init_std": c.score_init_std}
 
+    def head_lr(self, s: TrainSettings) -> float:
+        """--head-lr, else the head rate every mask method uses (--lr is the scores')."""
+        return s.head_lr if s.head_lr is not None else HEAD_LR
+
     def scores(self, model: MaskedModel) -> list[torch.Tensor]:
         return [s.detach() for s in model.scores]
 
@@ -64,7 +68,7 @@ class AdaptingByPruning(MaskMethod):
         def groups() -> list[ParamGroup]:
             # constant: a score's fall toward zero must not slow down as the phase goes on
             scores = ParamGroup("scores", list(model.scores), self.lr(s), 0.0, schedule="constant")
-            return [scores] + self.head_groups(model, base, self.head_lr(s), s.weight_decay)
+            return [scores] + self.head_groups(model, base, s)
 
         def push() -> dict[str, torch.Tensor]:
             return {"push": c.gamma * sum(score.sum() for score in model.scores)}

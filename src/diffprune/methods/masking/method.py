@@ -24,7 +24,7 @@ from diffprune.pruning.masked import MaskedModel
 from diffprune.pruning.schedule import PruningSchedule
 from diffprune.pruning.targets import prune_targets
 from diffprune.pruning.topk import keep_masks, kept_count
-from diffprune.training.phases import ParamGroup, Phase, decay_split
+from diffprune.training.phases import ParamGroup, Phase, head_groups
 from diffprune.training.settings import TrainSettings
 
 
@@ -62,19 +62,19 @@ class MaskMethod(Method):
         model.fix(self.exact_masks(model))
 
     # -- phases ----------------------------------------------------------------------------
-    def head_groups(self, model: MaskedModel, base: BaseModel, lr: float, wd: float) -> list[ParamGroup]:
-        decay, no_decay = decay_split((n, p) for n, p in model.model.named_parameters() if n in base.head_names)
-        return [ParamGroup("head", decay, lr, wd), ParamGroup("head_no_decay", no_decay, lr, 0.0)]
+    def head_groups(self, model: MaskedModel, base: BaseModel, s: TrainSettings) -> list[ParamGroup]:
+        return head_groups(model.model, base.head_names, self.head_lr(s), s.weight_decay)
 
     def head_lr(self, s: TrainSettings) -> float:
-        return s.head_lr if s.head_lr is not None else HEAD_LR
+        """--head-lr, else --lr: the head is what a method with a fixed mask trains."""
+        return s.head_lr if s.head_lr is not None else self.lr(s)
 
     def prune_phase(self, model: MaskedModel, base: BaseModel, s: TrainSettings) -> Phase:
         raise NotImplementedError
 
     def phases(self, model: MaskedModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
         epochs = self.config.head_epochs
-        last = Phase(name="head", param_groups=lambda: self.head_groups(model, base, self.head_lr(s), s.weight_decay),
+        last = Phase(name="head", param_groups=lambda: self.head_groups(model, base, s),
                      epochs=epochs, max_steps=s.max_steps if epochs > 0 else None, warmup_ratio=s.warmup_ratio,
                      on_start=lambda: self.make_exact(model))
         return [self.prune_phase(model, base, s), last]
@@ -148,7 +148,7 @@ class GradualMagnitude(MaskMethod):
                 model.fix(keep_masks(self.scores(model), kept, c.prune_scope))
 
         one_shot = c.prune_schedule == "one-shot"
-        return Phase(name="prune", param_groups=lambda: self.head_groups(model, base, self.head_lr(s), s.weight_decay),
+        return Phase(name="prune", param_groups=lambda: self.head_groups(model, base, s),
                      epochs=s.epochs, max_steps=s.max_steps, warmup_ratio=s.warmup_ratio,
                      on_start=(lambda: self.make_exact(model)) if one_shot else None,
                      after_step=None if one_shot else prune, keep_best=False,
@@ -170,6 +170,6 @@ class RandomMask(MaskMethod):
         return [torch.rand(t.shape, generator=g) for t in model._theta0]
 
     def prune_phase(self, model: MaskedModel, base: BaseModel, s: TrainSettings) -> Phase:
-        return Phase(name="prune", param_groups=lambda: self.head_groups(model, base, self.head_lr(s), s.weight_decay),
+        return Phase(name="prune", param_groups=lambda: self.head_groups(model, base, s),
                      epochs=s.epochs, max_steps=s.max_steps, warmup_ratio=s.warmup_ratio, keep_best=False,
                      on_start=lambda: self.make_exact(model))
