@@ -75,6 +75,20 @@ def shard_with_weight(indices: list[int], accelerator: Accelerator) -> tuple[lis
     return mine, len(mine) * accelerator.num_processes / len(indices)
 
 
+def _optimizer_for(acc: Accelerator, phase: Phase, groups: list, total: int, resume: Checkpoint | None):
+    """The phase's optimiser (prepared by Accelerate) and schedule; with `resume`, as the
+    checkpoint left them, with the RNG and the fp16 loss scale it had reached."""
+    optimizer = build_optimizer(groups)
+    scheduler = build_scheduler(optimizer, groups, total, phase.warmup_ratio)
+    if resume is not None:
+        optimizer.load_state_dict(resume.state["optimizer"])
+        scheduler.load_state_dict(resume.state["scheduler"])
+        resume.restore_rng(acc.process_index)
+        if acc.scaler is not None and "scaler" in resume.state:
+            acc.scaler.load_state_dict(resume.state["scaler"])
+    return acc.prepare_optimizer(optimizer), scheduler
+
+
 def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None) -> Progress:
     acc = ctx.accelerator
     progress = resume.progress if resume else Progress()
@@ -96,15 +110,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
         groups = phase.param_groups()
         trained = [p for g in groups for p in g.params]
         total = phase.total_steps(steps_per_epoch)
-        optimizer = build_optimizer(groups)
-        scheduler = build_scheduler(optimizer, groups, total, phase.warmup_ratio)
-        if resuming:
-            optimizer.load_state_dict(resume.state["optimizer"])
-            scheduler.load_state_dict(resume.state["scheduler"])
-            resume.restore_rng(acc.process_index)
-            if acc.scaler is not None and "scaler" in resume.state:  # fp16: the loss scale it had reached
-                acc.scaler.load_state_dict(resume.state["scaler"])
-        optimizer = acc.prepare_optimizer(optimizer)
+        optimizer, scheduler = _optimizer_for(acc, phase, groups, total, resume if resuming else None)
 
         def checkpoint() -> None:
             progress.seconds = time.perf_counter() - clock
