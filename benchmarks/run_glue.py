@@ -156,6 +156,8 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "peak_rss_mb": run["peak_rss_mb"],
         "device": run["device"],
         "settings": run_settings(config),
+        "library_version": run["diffprune_version"],
+        "method_options": run["method_options"],  # every option as the run used it, defaults included
         "evals": run["evals"],
         # the weights a user keeps for this task: patch, adapter or full model file(s)
         "artifact_bytes": sum(size for file, size in run["files"].items() if file.endswith(".safetensors")),
