@@ -31,7 +31,7 @@ from diffprune.training.checkpoint import (
     save_checkpoint,
 )
 from diffprune.training.logger import RunLogger
-from diffprune.training.phases import Phase, build_optimizer, build_scheduler
+from diffprune.training.phases import LossInputs, Phase, build_optimizer, build_scheduler
 
 
 @dataclass
@@ -244,8 +244,10 @@ def train_step(
     weight: float, max_grad_norm: float,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """One optimiser step: forward, named loss terms, backward, per-group clipping, update.
-    `weight` scales this process's task loss (see `shard_with_weight`); the other terms are the
-    same on every process. Returns the detached loss terms and whether the weights were updated
+    `weight` scales every loss term of this process (see `shard_with_weight`): DDP's average of
+    the processes' gradients is then the global batch's, for a term of the batch (the task loss,
+    a distillation term) and for one that is the same on every process (a penalty: the weights
+    average to 1). Returns the detached loss terms and whether the weights were updated
     (fp16 loss scaling skips a step whose gradients overflowed); raises FloatingPointError (on
     every process) if the loss or a gradient is not finite, before anything is updated."""
     batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -253,8 +255,13 @@ def train_step(
         outputs = model(**batch)
         terms = {"task_loss": outputs.loss * weight}
         if phase.extra_losses:
-            terms.update(phase.extra_losses())
-        loss = sum(terms.values())
+            teacher = None
+            if phase.teacher is not None:
+                with torch.no_grad():
+                    teacher = phase.teacher(batch)
+            extra = phase.extra_losses(LossInputs(batch, outputs, teacher))
+            terms.update({name: term * weight for name, term in extra.items()})
+        loss = sum(v for k, v in terms.items() if k != "task_loss" or phase.train_task_loss)
     bad = acc.reduce(torch.tensor(float(not torch.isfinite(loss)), device=acc.device), "sum")
     if bad.item():
         raise FloatingPointError(f"the loss became {loss.item()}")

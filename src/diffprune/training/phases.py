@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,14 +27,32 @@ class ParamGroup:
 
 
 @dataclass
+class LossInputs:
+    """What an extra loss term reads: this process's batch, the model's outputs on it, and the
+    teacher's outputs on it (None when the phase has no teacher)."""
+
+    batch: dict[str, torch.Tensor]
+    outputs: Any
+    teacher: Any = None
+
+
+@dataclass
 class Phase:
     name: str
     param_groups: Callable[[], list[ParamGroup]]
     epochs: float
     max_steps: int | None = None
     warmup_ratio: float = 0.1
-    # Extra named loss terms (e.g. the L0 penalty), added to the task loss and logged one by one.
-    extra_losses: Callable[[], dict[str, torch.Tensor]] | None = None
+    # Extra named loss terms (the L0 penalty, distillation's terms), added to the task loss and
+    # logged one by one. Each is weighted by this process's share of the global batch, as the
+    # task loss is, so a term that is the same on every process keeps its value on average.
+    extra_losses: Callable[[LossInputs], dict[str, torch.Tensor]] | None = None
+    # A frozen model called on the same batch without gradients (knowledge distillation); its
+    # outputs reach `extra_losses` as `LossInputs.teacher`.
+    teacher: Callable[[dict[str, torch.Tensor]], Any] | None = None
+    # Whether the model's own task loss is trained on; it is logged either way (distillation
+    # may train on the teacher's terms alone).
+    train_task_loss: bool = True
     # Runs once when the phase begins fresh (not on resume: its effect lives in the checkpoint).
     on_start: Callable[[], None] | None = None
     # Runs after every optimiser step with (steps done in this phase, the phase's total steps).

@@ -34,7 +34,7 @@ from diffprune.methods.registry import register
 from diffprune.pruning.masked import MaskedModel
 from diffprune.pruning.schedule import cubic_schedule
 from diffprune.pruning.topk import kept_count
-from diffprune.training.phases import ParamGroup, Phase
+from diffprune.training.phases import LossInputs, ParamGroup, Phase
 from diffprune.training.settings import TrainSettings
 
 
@@ -70,7 +70,7 @@ class AdaptingByPruning(MaskMethod):
             scores = ParamGroup("scores", list(model.scores), self.lr(s), 0.0, schedule="constant")
             return [scores] + self.head_groups(model, base, s)
 
-        def push() -> dict[str, torch.Tensor]:
+        def push(_inputs: LossInputs) -> dict[str, torch.Tensor]:
             return {"push": c.gamma * sum(score.sum() for score in model.scores)}
 
         def shift(step: int, total: int) -> None:

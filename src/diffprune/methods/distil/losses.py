@@ -1,0 +1,61 @@
+"""The distillation loss terms (TinyBERT's, as SparseBERT uses them): attention, hidden states,
+prediction. Each is a mean over the real (unpadded) positions of the batch and summed over the
+mapped layers; their sum is the loss."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from diffprune.training.phases import LossInputs
+
+
+def attention_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor,
+                   mapping: list[int]) -> torch.Tensor:
+    """Sum over the student's layers of the MSE between its attention maps (batch, heads, query,
+    key) and those of the teacher layer it maps to, over pairs of real tokens only: padded
+    queries and keys are zeroed on both sides and left out of the mean."""
+    pairs = (mask[:, None, :, None] * mask[:, None, None, :]).to(student[0].dtype)  # (batch, 1, L, L)
+    count = pairs.sum() * student[0].shape[1]
+    total = student[0].new_zeros(())
+    for layer, target in enumerate(mapping[1:]):
+        diff = (student[layer] - teacher[target - 1]) * pairs
+        total = total + diff.square().sum() / count
+    return total
+
+
+def hidden_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor,
+                mapping: list[int]) -> torch.Tensor:
+    """Sum over the student's hidden states, the embedding output included, of the MSE with the
+    teacher's hidden state it maps to, over real tokens only."""
+    tokens = mask[:, :, None].to(student[0].dtype)
+    count = tokens.sum() * student[0].shape[-1]
+    total = student[0].new_zeros(())
+    for state, target in enumerate(mapping):
+        total = total + ((student[state] - teacher[target]) * tokens).square().sum() / count
+    return total
+
+
+def prediction_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+    """Soft cross-entropy between the logits' distributions at `temperature`; MSE for regression."""
+    if regression:
+        return F.mse_loss(student, teacher)
+    soft = F.softmax(teacher / temperature, dim=-1)
+    return -(soft * F.log_softmax(student / temperature, dim=-1)).sum(-1).mean()
+
+
+def kd_terms(inputs: LossInputs, terms: list[str], mapping: list[int], temperature: float,
+             regression: bool) -> dict[str, torch.Tensor]:
+    """The chosen terms, named `kd_attention`, `kd_hidden`, `kd_prediction`."""
+    s, t = inputs.outputs, inputs.teacher
+    mask = inputs.batch.get("attention_mask")
+    if mask is None:  # no padding
+        mask = torch.ones_like(inputs.batch["input_ids"])
+    found: dict[str, torch.Tensor] = {}
+    if "attention" in terms:
+        found["kd_attention"] = attention_term(s.attentions, t.attentions, mask, mapping)
+    if "hidden" in terms:
+        found["kd_hidden"] = hidden_term(s.hidden_states, t.hidden_states, mask, mapping)
+    if "prediction" in terms:
+        found["kd_prediction"] = prediction_term(s.logits.float(), t.logits.float(), temperature, regression)
+    return found
