@@ -17,6 +17,12 @@ An apply bumps the versions of what it writes, which would make every apply afte
 everything again. But a revert restores those bits exactly, so when it finds the versions
 exactly as its own apply left them (nothing wrote there since), it re-validates the cached
 fingerprint under the versions after the revert.
+
+Serving switches tasks on every batch, so what an apply needs beyond the check is kept per model
+and patch (`_Prepared`): positions and values on the parameters' device and dtype, and the base
+entries at the positions, read once. Those entries are the base's because every apply checks the
+fingerprint first, and they are only reused for the very parameter objects, at the same memory,
+that they were read from. An apply is then one indexed write per tensor, a revert another.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import nn
 from diffprune.base import BaseModel, fingerprint
 from diffprune.errors import DiffpruneError
 from diffprune.io import atomic_dir
-from diffprune.patch.kinds import ADD, SPARSE
+from diffprune.patch.kinds import ADD, SPARSE, SparseDiff
 
 if TYPE_CHECKING:
     from diffprune.patch.taskpatch import TaskPatch
@@ -67,13 +73,53 @@ class _Fingerprint:
         return key == self.key and all(r() is p for r, p in zip(self.refs, params.values()))
 
 
+@dataclass
+class _Entry:
+    """One changed tensor of a patch, ready to write into one parameter of one model."""
+
+    param: nn.Parameter
+    data_ptr: int
+    diff: SparseDiff  # the patch's own change; a change replaced since makes the entry stale
+    flat: torch.Tensor
+    positions: torch.Tensor  # on the parameter's device
+    values: torch.Tensor  # what an apply writes at the positions: base + diff for "add", the values for "sparse"
+    originals: torch.Tensor | None  # the base entries at the positions (None for "sparse")
+
+    def holds_for(self, param: nn.Parameter | None, diff: SparseDiff) -> bool:
+        return param is self.param and param.data_ptr() == self.data_ptr and diff is self.diff
+
+
+class _Prepared(dict):
+    """name -> _Entry for every change of one patch on one model, built at its first apply."""
+
+    def nbytes(self) -> int:
+        """The memory the entries add beyond the patch (originals, device copies)."""
+        extra = 0
+        for e in self.values():
+            extra += e.originals.nbytes if e.originals is not None else 0
+            extra += 0 if e.positions is e.diff.positions else e.positions.nbytes
+            extra += 0 if e.values is e.diff.values else e.values.nbytes
+        return extra
+
+
 class _ModelState:
     """What diffprune knows about one model between calls: cached fingerprints (one per set of
-    base parameter names) and what the last apply not yet reverted wrote."""
+    base parameter names), what the last apply not yet reverted wrote, and the patches prepared
+    for it (by id, dropped when the patch dies)."""
 
     def __init__(self) -> None:
         self.fingerprints: dict[tuple[str, ...], _Fingerprint] = {}
         self.applied: _Written | None = None
+        self.prepared: dict[int, tuple[weakref.ref, _Prepared]] = {}
+
+    def prepared_for(self, patch: TaskPatch) -> _Prepared:
+        key = id(patch)
+        found = self.prepared.get(key)
+        if found is not None and found[0]() is patch:
+            return found[1]
+        prepared = _Prepared()
+        self.prepared[key] = (weakref.ref(patch, lambda _, key=key: self.prepared.pop(key, None)), prepared)
+        return prepared
 
     def fingerprint(self, params: dict[str, nn.Parameter]) -> _Fingerprint:
         names, key = tuple(params), _key(params)
@@ -154,18 +200,26 @@ class AppliedPatch:
             self.revert()
 
 
-def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module) -> AppliedPatch:
-    """Apply `patch` to `target` in place after checking that its base weights are the patch's base."""
+def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module, *, head: bool = True) -> AppliedPatch:
+    """Apply `patch` to `target` in place after checking that its base weights are the patch's base.
+
+    head=False changes the base only and leaves the model's head as it is: for serving, where
+    every task brings a head of its own shape and runs it beside the model (diffprune.serving)."""
     if isinstance(target, BaseModel):
         model = target.model
     elif isinstance(target, nn.Module):
         model = target
     else:
         raise DiffpruneError(f"a patch applies to a BaseModel or a torch module, not a {type(target).__name__}")
-    params = dict(model.named_parameters())
+    params = _named_parameters(model)
     base_params = _base_params(patch, params, target)
-    _check_fits(patch, params, base_params, target)
     state = _state_of(model)
+    prepared = state.prepared_for(patch)
+    problems = []
+    if not _still_prepared(prepared, patch, params):
+        prepared.clear()
+        problems = _diff_problems(patch, params, base_params)
+    _refuse_misfit(patch, problems + (_head_problems(patch, params, target) if head else []))
     if state.applied is not None and state.applied.unchanged():
         raise DiffpruneError(f"patch {patch._label()} cannot be applied: the model carries a patch applied "
                              "before and not reverted (revert that one first)")
@@ -176,9 +230,28 @@ def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module) -> AppliedPatch
             f" have fingerprint {found.value}: is it another base, or is a patch already applied to it?"
         )
     applied = AppliedPatch(state, found)
-    _write(patch, params, applied)
+    _write(patch, params, applied, prepared, head)
     state.applied = applied._written
     return applied
+
+
+def _named_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """dict(module.named_parameters()), the same names in the same order, in half its time (a
+    serving switch pays this on every apply): shared parameters once, under their first name."""
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        for name, p in m._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                found[prefix + name] = p
+        for name, child in m._modules.items():
+            if child is not None:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", module)
+    return found
 
 
 def _base_params(patch: TaskPatch, params: dict[str, nn.Parameter], target) -> dict[str, nn.Parameter]:
@@ -192,8 +265,16 @@ def _base_params(patch: TaskPatch, params: dict[str, nn.Parameter], target) -> d
     return {n: params[n] for n in target.base_names}
 
 
-def _check_fits(patch: TaskPatch, params: dict, base_params: dict, target) -> None:
-    """Every changed tensor is a base parameter of the same shape; the head is the model's head."""
+def _still_prepared(prepared: _Prepared, patch: TaskPatch, params: dict[str, nn.Parameter]) -> bool:
+    """Whether the entries prepared at an earlier apply still stand for this patch on these very
+    parameters (then the fit was checked then, and nothing it depends on has changed)."""
+    if len(prepared) != len(patch.diffs):
+        return False
+    return all(e.holds_for(params.get(n), patch.diffs.get(n)) for n, e in prepared.items())
+
+
+def _diff_problems(patch: TaskPatch, params: dict, base_params: dict) -> list[str]:
+    """Every changed tensor is a base parameter of the same shape, contiguous."""
     problems = []
     for name, d in patch.diffs.items():
         if name not in params:
@@ -204,6 +285,12 @@ def _check_fits(patch: TaskPatch, params: dict, base_params: dict, target) -> No
             problems.append(f"changes '{name}' of shape {d.shape} but the model's is {tuple(params[name].shape)}")
         elif not params[name].is_contiguous():
             problems.append(f"changes '{name}', which is not contiguous in the model's memory")
+    return problems
+
+
+def _head_problems(patch: TaskPatch, params: dict, target) -> list[str]:
+    """The patch's head is the model's head, tensor for tensor and shape for shape."""
+    problems = []
     for name, t in patch.head.items():
         if name not in params:
             problems.append(f"has head tensor '{name}', which the model does not have")
@@ -214,32 +301,35 @@ def _check_fits(patch: TaskPatch, params: dict, base_params: dict, target) -> No
                             f"{tuple(params[name].shape)}")
     if isinstance(target, BaseModel):
         problems += [f"lacks the model's head tensor '{n}'" for n in sorted(target.head_names - set(patch.head))]
+    return problems
+
+
+def _refuse_misfit(patch: TaskPatch, problems: list[str]) -> None:
     if problems:
         extra = len(problems) - 1
         more = f" (and {extra} more mismatch{'es' if extra > 1 else ''})" if extra else ""
         raise DiffpruneError(f"patch {patch._label()} does not fit the model: it {problems[0]}{more}")
 
 
-def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPatch) -> None:
+def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPatch, prepared: _Prepared,
+           head: bool) -> None:
     with torch.no_grad():
         try:
             for name, d in patch.diffs.items():
-                p = params[name]
-                flat = p.detach().view(-1)
-                pos = d.positions.to(p.device, non_blocking=True)
+                e = prepared.get(name) or prepared.setdefault(name, _prepare(params[name], d))
                 if d.kind == SPARSE:
-                    applied._undo.append((flat, None, flat.clone()))
-                    flat.zero_()
-                    flat.scatter_(0, pos, d.values.to(p.device, p.dtype))
+                    applied._undo.append((e.flat, None, e.flat.clone()))
+                    e.flat.zero_()
+                    e.flat.scatter_(0, e.positions, e.values)
                 else:
-                    # Keep the exact originals: revert copies them back ((a + b) - b is not always a).
-                    applied._undo.append((flat, pos, flat.index_select(0, pos)))
+                    # Revert copies the exact originals back: (a + b) - b is not always a.
+                    applied._undo.append((e.flat, e.positions, e.originals))
                     if d.kind == ADD:
-                        flat.index_add_(0, pos, d.values.to(p.device, p.dtype))
+                        e.flat.scatter_(0, e.positions, e.values)  # base + diff, summed when prepared
                     else:
-                        flat.index_fill_(0, pos, 0)
-                applied._touched_base[name] = p
-            for name, t in patch.head.items():
+                        e.flat.index_fill_(0, e.positions, 0)
+                applied._touched_base[name] = e.param
+            for name, t in (patch.head.items() if head else ()):
                 p = params[name]
                 applied._head.append((p, p.detach().clone()))
                 p.copy_(t)
@@ -248,6 +338,17 @@ def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPa
             applied._reverted = True
             raise
     applied._seal()
+
+
+def _prepare(p: nn.Parameter, d: SparseDiff) -> _Entry:
+    """Called right after the fingerprint check, so the entries read here are the base's."""
+    flat = p.detach().view(-1)
+    pos = d.positions.to(p.device)
+    values = d.values.to(p.device, p.dtype)
+    originals = None if d.kind == SPARSE else flat.index_select(0, pos)
+    if d.kind == ADD:
+        values = originals + values  # the very sum index_add_ would write, rounded the same way
+    return _Entry(p, p.data_ptr(), d, flat, pos, values, originals)
 
 
 def export_model(patch: TaskPatch, base: BaseModel, output_dir: str | os.PathLike) -> Path:
