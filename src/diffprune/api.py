@@ -34,8 +34,10 @@ from diffprune.glue import (
     submission_path,
     write_submission,
 )
+from diffprune.heads import MODEL_HEAD
 from diffprune.io import write_json
 from diffprune.methods import build_method
+from diffprune.methods.artifact import PATCH_FILE
 from diffprune.methods.registry import artifact_names
 from diffprune.training.checkpoint import (
     check_resumable,
@@ -107,13 +109,17 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     method = build_method(settings.method, method_options)
     if method.fsdp_refused and parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch`
         raise DiffpruneError(f"method '{method.name}' cannot train under FSDP: {method.fsdp_refused}")
+    if settings.head != MODEL_HEAD and method.artifact != PATCH_FILE:
+        raise DiffpruneError(f"--head {settings.head} needs a method whose result is a patch: '{method.name}' saves "
+                             f"a transformers {method.artifact}, which has no place for that head")
     check_writable(output)  # a read-only or full output is refused now, not after minutes of loading
     computation = {**settings.computation(), "method_options": _jsonable_options(method.config)}
     # A run made before an option of this version existed used its default (check_resumable).
     defaults = {**TrainSettings.computation_defaults(), "method_options": _jsonable_options(type(method.config)())}
     started = time.perf_counter()
     set_seed(settings.seed)  # before the model loads: the fresh head's init depends on it
-    base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
+    base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression,
+                     head=settings.head)
     data = load_task_data(spec, base, settings)
     model = method.prepare(base)
     phases = method.phases(model, base, settings)
@@ -261,7 +267,8 @@ def load_run(run_dir: str | Path, data_dir: str | None, batch_size: int):
     method = build_method(settings.method, saved.get("method_options"))
     if not (run / method.artifact).exists():
         raise DiffpruneError(f"{run} holds no {method.artifact} to evaluate (was it trained with --no-save-model?)")
-    base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
+    base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression,
+                     head=settings.head)
     model = method.load_artifact(base, run)
     return settings, spec, base, model
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffprune.errors import DiffpruneError, first_line
+from diffprune.heads import MODEL_HEAD, check_head, with_head
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -45,6 +46,7 @@ class BaseModel:
     fingerprint: str
     head_names: frozenset[str]
     labels: tuple[str, ...] | None = None
+    head: str = MODEL_HEAD  # which head (heads.py): the model's own, or a mix of every layer
     base_names: tuple[str, ...] = field(init=False)
     num_base_params: int = field(init=False)
 
@@ -76,12 +78,15 @@ def load_base(
     *,
     labels: tuple[str, ...] | None = None,
     regression: bool = False,
+    head: str = MODEL_HEAD,
 ) -> BaseModel:
     """Load any HF encoder as a sequence classifier with a fresh head of `num_labels` outputs.
 
     The architecture comes from the model's own config (AutoModelForSequenceClassification),
     so BERT, RoBERTa, MPNet, DistilBERT, ... all work; the default is the packaged MiniLM.
+    `head` picks the architecture's own head or a mix of every layer (heads.py).
     """
+    check_head(head)
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -122,14 +127,15 @@ def load_base(
 
     prefix = model.base_model_prefix
     fresh = set(info["missing_keys"]) | {k for k, *_ in info.get("mismatched_keys", [])}
-    head = frozenset(n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") or n in fresh)
+    model = with_head(model, head)
     base = BaseModel(
         model=model,
         tokenizer=tokenizer,
         name=_recorded_name(name_or_path, source),
         fingerprint="",
-        head_names=head,
+        head_names=frozenset(n for n, _ in model.named_parameters() if not n.startswith(prefix + ".") or n in fresh),
         labels=labels,
+        head=head,
     )
     base.fingerprint = fingerprint(base.base_parameters())
     return base

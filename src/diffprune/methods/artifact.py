@@ -24,6 +24,7 @@ def patch_meta(base: BaseModel, method: Any, record: dict) -> dict:
         "labels": list(base.labels) if base.labels else None,
         "num_labels": base.model.config.num_labels,
         "problem_type": base.model.config.problem_type,
+        "head": base.head,
         "config": {**vars(method.config)},
         "metrics": record.get("dev", {}),
         "max_seq_length": record.get("settings", {}).get("max_seq_length"),  # how eval must truncate

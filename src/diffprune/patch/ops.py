@@ -6,6 +6,7 @@ from pathlib import Path
 
 from diffprune.base import DEFAULT_MODEL_NAME, BaseModel, load_base
 from diffprune.errors import DiffpruneError
+from diffprune.heads import MODEL_HEAD
 from diffprune.patch.taskpatch import TaskPatch, export_model
 
 
@@ -22,6 +23,7 @@ def base_for(patch: TaskPatch, model: str | None = None) -> BaseModel:
         int(patch.meta.get("num_labels") or 2),
         labels=tuple(labels) if labels else None,
         regression=patch.meta.get("problem_type") == "regression",
+        head=patch.meta.get("head") or MODEL_HEAD,  # patches made before heads were a choice: the model's
     )
 
 

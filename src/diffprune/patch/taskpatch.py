@@ -33,7 +33,7 @@ __all__ = ["KINDS", "VALUE_DTYPES", "AppliedPatch", "SparseDiff", "TaskPatch", "
 # The meta fields that code reads back (apply, info, eval), with the types it relies on.
 META_TYPES = {"base": (str, type(None)), "method": (str, type(None)), "task": (str, type(None)),
               "base_params": int, "num_labels": (int, type(None)), "labels": (list, type(None)),
-              "problem_type": (str, type(None)), "metrics": dict, "config": dict,
+              "problem_type": (str, type(None)), "head": (str, type(None)), "metrics": dict, "config": dict,
               "max_seq_length": (int, type(None))}
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from diffprune.errors import DiffpruneError
+from diffprune.heads import HEADS
 
 
 def option(default: Any, help: str, **kw: Any) -> Any:
@@ -46,6 +47,12 @@ class TrainSettings:
     method: str = option("full", "How the task is learned (see `diffprune methods`).")
     model: str | None = option(
         None, "HF model id or local folder of the base model; default: the packaged all-MiniLM-L6-v2."
+    )
+    head: str = option(
+        "model", "Task head: model (the architecture's own; BERT: linear on the pooled last [CLS]), cls-mix "
+        "(adapting-by-pruning's: a learned mix of every layer's [CLS] into a ReLU MLP of the model's width) or "
+        "mean-mix (the same over each layer's mean over tokens, how sentence encoders are read). The mixed heads "
+        "need a method whose result is a patch."
     )
     data_dir: str | None = option(
         None, "GLUE folder (TASK/train.tsv, ...); default: $GLUE_DIR, else the HF hub via `datasets`."
@@ -93,6 +100,7 @@ class TrainSettings:
              "--log-every must be positive and --checkpoint-every not negative"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
             (not (self.overwrite and self.resume), "--overwrite and --resume exclude each other"),
+            (self.head in HEADS, f"--head must be one of {', '.join(HEADS)}, not {self.head!r}"),
         ]
         for ok, message in checks:
             if not ok:
