@@ -223,7 +223,8 @@ class _AdaptiveDiff(_DiffBase):
 
         # keep_best off: the projection needs the L0 phase's last state, not its best epoch's.
         l0 = Phase(name="l0", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps,
-                   warmup_ratio=s.warmup_ratio, extra_losses=lambda _inputs: steering.penalty(), on_start=steering.start,
+                   warmup_ratio=s.warmup_ratio, extra_losses=lambda _inputs: steering.penalty(),
+                   on_start=steering.start,
                    after_step=steering.after_step, keep_best=False, metrics=steering.metrics)
         return [l0, self._fixed_phase(model, base, s)]
 

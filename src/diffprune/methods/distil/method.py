@@ -31,7 +31,7 @@ from diffprune.methods.distil.layers import PROBABILITIES, count_layers, expose_
 from diffprune.methods.distil.losses import kd_terms
 from diffprune.methods.distil.model import DistilModel
 from diffprune.methods.distil.options import DistilOptions
-from diffprune.methods.distil.teacher import check_teacher_task, load_teacher, teacher_copy
+from diffprune.methods.distil.teacher import check_teacher_fits, load_teacher, teacher_copy
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
 from diffprune.patch.format import VALUE_DTYPES
@@ -101,7 +101,7 @@ class PruningAtDistilling(Method):
     def phases(self, model: DistilModel, base: BaseModel, s: TrainSettings) -> list[Phase]:
         c = self.config
         if self.teacher_record is not None:
-            check_teacher_task(self.teacher_record, s.task, c.teacher)
+            check_teacher_fits(self.teacher_record, c.teacher, s.task, base)
         phases = [self._distil_phase(model, base, s)]
         if not bool(model.distilling):
             phases.insert(0, self._teacher_phase(model, base, s))

@@ -15,7 +15,8 @@ from diffprune.errors import DiffpruneError
 
 def load_teacher(run_dir: str, base: BaseModel) -> tuple[nn.Module, dict]:
     """The teacher model of a finished `full` run folder and its run record, frozen. Refused in
-    one line when the folder is no finished full run, or its base or labels differ from `base`."""
+    one line when the folder is no finished full run, or its base differs from `base` (its task
+    and labels are checked by `check_teacher_fits`, once the task is known)."""
     run = Path(run_dir).expanduser()
     record_file = run / "run.json"
     if not record_file.is_file():
@@ -33,7 +34,6 @@ def load_teacher(run_dir: str, base: BaseModel) -> tuple[nn.Module, dict]:
     folder = run / "model"
     if not (folder / "config.json").is_file():
         raise DiffpruneError(f"--teacher {run} holds no model/ (was it trained with --no-save-model?)")
-    _check_labels(run, folder, base)
     config = base.model.config
     teacher = load_base(folder, config.num_labels, labels=base.labels,
                         regression=config.problem_type == "regression").model
@@ -42,9 +42,13 @@ def load_teacher(run_dir: str, base: BaseModel) -> tuple[nn.Module, dict]:
     return teacher, record
 
 
-def _check_labels(run: Path, folder: Path, base: BaseModel) -> None:
-    """The teacher's outputs must mean what the student's do: the same count, names and kind."""
-    saved = json.loads((folder / "config.json").read_text())
+def check_teacher_fits(record: dict, run_dir: str, task: str, base: BaseModel) -> None:
+    """The teacher must have learned this task, and its outputs mean what the student's do: the
+    same count, names and kind of labels."""
+    run = Path(run_dir).expanduser()
+    if record.get("task") != task:
+        raise DiffpruneError(f"--teacher {run} was trained on {record.get('task')}, not {task}")
+    saved = json.loads((run / "model" / "config.json").read_text())
     config = base.model.config
     labels = [saved.get("id2label", {}).get(str(i)) for i in range(len(saved.get("id2label", {})))]
     theirs = (saved.get("num_labels", len(labels)), saved.get("problem_type"), labels if base.labels else None)
@@ -52,11 +56,6 @@ def _check_labels(run: Path, folder: Path, base: BaseModel) -> None:
     if theirs != ours:
         raise DiffpruneError(f"--teacher {run} predicts other labels ({theirs[0]} {theirs[1]}: {theirs[2]}) than "
                              f"this task ({ours[0]} {ours[1]}: {ours[2]})")
-
-
-def check_teacher_task(record: dict, task: str, run_dir: str) -> None:
-    if record.get("task") != task:
-        raise DiffpruneError(f"--teacher {run_dir} was trained on {record.get('task')}, not {task}")
 
 
 def teacher_copy(base: BaseModel) -> nn.Module:
