@@ -200,6 +200,13 @@ class AppliedPatch:
             self.revert()
 
 
+def prepared_nbytes(patch: TaskPatch, model: nn.Module) -> int:
+    """The memory that applying `patch` to `model` keeps between applies (0 before the first)."""
+    state = _STATES.get(model)
+    found = state.prepared.get(id(patch)) if state is not None else None
+    return found[1].nbytes() if found is not None and found[0]() is patch else 0
+
+
 def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module, *, head: bool = True) -> AppliedPatch:
     """Apply `patch` to `target` in place after checking that its base weights are the patch's base.
 
