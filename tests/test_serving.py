@@ -1,0 +1,209 @@
+"""The task bank, switching and mixed-task batches on a tiny BERT, with patches built directly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_bert
+from diffprune.base import load_base
+from diffprune.errors import DiffpruneError
+from diffprune.patch import TaskPatch
+from diffprune.patch.apply import apply_patch
+from diffprune.serving import Engine, Request, TaskBank, UnknownTask
+from diffprune.serving.synthetic import random_patch
+
+TEXTS = ["hello world", ("a pair of", "sentences here"), "another longer sentence with more words in it", "x"]
+# (outputs, regression) of the tasks: two and three classes, a regression, two classes again
+SHAPES = [(2, False), (3, False), (1, True), (2, False)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_bert(tmp_path_factory.mktemp("serving-bert") / "m", dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def base(model_dir):
+    return load_base(str(model_dir), 2)
+
+
+@pytest.fixture
+def folder(tmp_path, base):
+    for i, (n, regression) in enumerate(SHAPES):
+        random_patch(base, 0.05, n, seed=i, regression=regression, task=f"t{i}", scale=0.2).save(
+            tmp_path / f"t{i}.safetensors", "float32")
+    random_patch(base, 0.05, 2, seed=9, kind="mask", task="m").save(tmp_path / "m.safetensors")
+    return tmp_path
+
+
+def per_task_logits(model_dir, patch: TaskPatch, inputs) -> torch.Tensor:
+    """The reference: a base loaded with the task's own head shape, the patch applied whole,
+    every input run alone (so padding differs from the batch's; the results must not)."""
+    regression = patch.meta["problem_type"] == "regression"
+    own = load_base(str(model_dir), patch.meta["num_labels"], regression=regression)
+    own.model.eval()
+    rows = []
+    with torch.no_grad(), patch.apply(own):
+        for item in inputs:
+            first, second = (item, None) if isinstance(item, str) else item
+            rows.append(own.model(**own.tokenizer(first, second, return_tensors="pt")).logits[0])
+    logits = torch.stack(rows)
+    return logits if regression else logits - logits.mean(dim=1, keepdim=True)
+
+
+def logits_of(predictions: list[dict]) -> torch.Tensor:
+    """Back from scores to logits up to a shift per row (softmax), or the regression values."""
+    if "value" in predictions[0]:
+        return torch.tensor([[p["value"]] for p in predictions])
+    scores = torch.tensor([list(p["scores"].values()) for p in predictions]).log()
+    return scores - scores.mean(dim=1, keepdim=True)
+
+
+def test_a_mixed_batch_equals_every_task_run_alone(folder, base, model_dir):
+    engine = Engine(TaskBank(base, folder))
+    requests = [Request(f"t{i}", TEXTS[: i + 1]) for i in range(4)] + [Request("m", TEXTS)]
+    mixed = engine.run(requests)
+    assert engine.mixed_batches == 1 and engine.switches == 1  # the mask patch is switched
+    for request, got in zip(requests, mixed):
+        patch = TaskPatch.load(folder / f"{request.task}.safetensors")
+        want = per_task_logits(model_dir, patch, request.inputs)
+        assert torch.allclose(logits_of(got), want, atol=1e-5), request.task
+
+
+def test_the_deltas_matter(folder, base):
+    """A mixed batch differs from the bare base: the deltas are really added."""
+    engine = Engine(TaskBank(base, folder))
+    patched = engine.run([Request("t0", TEXTS), Request("t3", TEXTS)])
+    bare = TaskPatch.load(folder / "t0.safetensors")
+    bare.diffs.clear()
+    bare.save(folder / "bare.safetensors", "float32")
+    engine.bank.rescan()
+    plain = engine.run([Request("bare", TEXTS), Request("t3", TEXTS)])
+    assert (logits_of(patched[0]) - logits_of(plain[0])).abs().max() > 1e-3
+
+
+def test_every_kind_of_module_joins_a_mixed_batch(tmp_path, base, model_dir):
+    """Embeddings (word, position, token type), Linear weights and biases, LayerNorms and the
+    pooler, each in a task of its own, mixed with one another."""
+    groups = {"emb": "embeddings.", "lin": "attention.self.query", "bias": ".bias", "norm": "LayerNorm",
+              "pool": "pooler."}
+    names = list(base.base_parameters())
+    for i, (task, part) in enumerate(groups.items()):
+        chosen = [n for n in names if part in n]
+        random_patch(base, 0.3, 2, seed=i, task=task, tensors=chosen, scale=0.5).save(
+            tmp_path / f"{task}.safetensors", "float32")
+    engine = Engine(TaskBank(base, tmp_path))
+    got = engine.run([Request(t, TEXTS) for t in groups])
+    assert engine.mixed_batches == 1
+    for task, predictions in zip(groups, got):
+        patch = TaskPatch.load(tmp_path / f"{task}.safetensors")
+        assert torch.allclose(logits_of(predictions), per_task_logits(model_dir, patch, TEXTS), atol=1e-5), task
+
+
+def test_registration_reads_headers_and_loads_on_first_use(folder, base):
+    bank = TaskBank(base, folder)
+    assert bank.names() == ["m", "t0", "t1", "t2", "t3"] and bank.loaded_names() == []
+    assert bank.describe("t1")["labels"] == ["t1-0", "t1-1", "t1-2"]
+    bank.get("t1")
+    assert bank.loaded_names() == ["t1"] and bank.describe("t1")["loaded"]
+
+
+def test_the_memory_bound_lets_the_least_recently_used_leave(folder, base):
+    bank = TaskBank(base, folder)
+    one = bank.task_bytes(bank.get("t0"))
+    bank.memory_bytes = int(2.5 * one)
+    for name in ("t0", "t3", "t0", "m"):  # t3 is now the least recently used
+        bank.get(name)
+    assert bank.loaded_names() == ["t0", "m"]
+    assert bank.loaded_bytes() <= bank.memory_bytes
+
+
+def test_switching_keeps_what_it_prepared_in_the_bound(folder, base):
+    bank = TaskBank(base, folder)
+    task = bank.get("t0")
+    before = bank.task_bytes(task)
+    Engine(bank).run([Request("t0", TEXTS)])
+    assert bank.task_bytes(task) == before + 2 * 4 * task.patch.nnz  # originals and base + diff, fp32
+
+
+def test_patches_are_added_and_removed_while_serving(folder, base, tmp_path_factory):
+    bank = TaskBank(base, folder)
+    engine = Engine(bank)
+    engine.run([Request("t0", TEXTS)])
+    (folder / "t0.safetensors").unlink()
+    shutil.copy(folder / "t3.safetensors", folder / "new.safetensors")
+    change = bank.rescan()
+    assert change["added"] == ["new"] and change["removed"] == ["t0"]
+    assert isinstance(engine.run([Request("t0", TEXTS)])[0], UnknownTask)
+    elsewhere = tmp_path_factory.mktemp("other") / "x.safetensors"
+    shutil.copy(folder / "t1.safetensors", elsewhere)
+    assert bank.add(elsewhere, "extra") == "extra" and "extra" in bank.names()
+    bank.remove("extra")
+    with pytest.raises(UnknownTask):
+        bank.get("extra")
+
+
+def test_what_is_not_a_patch_of_this_base_is_refused_with_the_reason(folder, base, tmp_path):
+    other = load_base(str(tiny_bert(tmp_path / "other", dropout=0.0, initializer_range=0.05)), 2)
+    random_patch(other, 0.05, 2, task="o").save(folder / "other.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, folder / "adapter_model.safetensors")
+    run = folder / "full-run"
+    (run / "model").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"method": "full"}))
+    (folder / "bad name!.safetensors").write_bytes((folder / "t0.safetensors").read_bytes())
+    bank = TaskBank(base, folder)
+    assert "other" not in bank.names()
+    assert other.fingerprint in bank.refused["other.safetensors"] and base.fingerprint in bank.refused["other.safetensors"]
+    assert "not a diffprune patch" in bank.refused["adapter_model.safetensors"]
+    assert "method 'full'" in bank.refused["full-run"]
+    assert "cannot be a task name" in bank.refused["bad name!.safetensors"]
+
+
+def test_a_head_kind_it_cannot_run_is_refused(folder, base):
+    patch = random_patch(base, 0.05, 2, task="h")
+    patch.meta["head"] = "layer-mix"
+    patch.save(folder / "h.safetensors")
+    bank = TaskBank(base, folder)
+    assert "head is of kind 'layer-mix'" in bank.refused["h.safetensors"]
+
+
+def test_a_head_of_the_wrong_shape_fails_its_requests_only(folder, base):
+    patch = random_patch(base, 0.05, 2, task="w")
+    patch.head["classifier.weight"] = torch.zeros(2, 7)
+    patch.save(folder / "w.safetensors")
+    results = Engine(TaskBank(base, folder)).run([Request("w", TEXTS), Request("t0", TEXTS)])
+    assert isinstance(results[0], DiffpruneError) and "classifier.weight" in str(results[0])
+    assert len(results[1]) == len(TEXTS)
+
+
+def test_apply_without_head_leaves_the_model_head_and_reverts_bit_for_bit(base):
+    patch = random_patch(base, 0.05, 3, task="h3")
+    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    for _ in range(2):  # the second apply reuses what the first prepared
+        with apply_patch(patch, base, head=False):
+            changed = [n for n, p in base.model.named_parameters() if not torch.equal(p, before[n])]
+            assert changed and not set(changed) & base.head_names
+        assert all(torch.equal(p, before[n]) for n, p in base.model.named_parameters())
+
+
+def test_a_prepared_patch_follows_a_replaced_parameter(model_dir):
+    """What an apply prepared is bound to the very parameter objects: a parameter replaced by a
+    copy of the same bits gets the patch written into the new one, and reverted from it."""
+    own = load_base(str(model_dir), 2)
+    patch = random_patch(own, 0.05, 2)
+    patch.head = {n: p.detach().clone() for n, p in own.head_parameters().items()}
+    apply_patch(patch, own).revert()
+    query = own.model.bert.encoder.layer[0].attention.self.query
+    old = query.weight
+    query.weight = torch.nn.Parameter(old.detach().clone())
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    with apply_patch(patch, own):
+        assert torch.equal(query.weight, old + patch.dense_diff(name))
+        assert not torch.equal(query.weight, old)
+    assert torch.equal(query.weight, old)
