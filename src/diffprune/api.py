@@ -284,16 +284,18 @@ def _recorded_data_dir(run: Path) -> str | None:
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | None = None, batch_size: int = 128,
-                 split: str | None = None) -> dict[str, float]:
+                 split: str | None = None, sparse: bool = False) -> dict[str, float]:
+    """Score a finished run; `sparse`: with its pruned Linear layers run by the sparse kernel."""
     settings, spec, base, model = load_run(run_dir, data_dir, batch_size)
-    return _score(model, base, spec, settings, batch_size, split)
+    return _score(model, base, spec, settings, batch_size, split, sparse)
 
 
 def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: str | None = None,
                    batch_size: int = 128, model: str | None = None, max_seq_length: int | None = None,
-                   split: str | None = None) -> dict[str, float]:
+                   split: str | None = None, sparse: bool = False) -> dict[str, float]:
     """Apply a patch onto its base (fingerprint checked) and score it on the task's dev set(s),
-    with inputs truncated as in training (recorded in the patch) unless `max_seq_length` says."""
+    with inputs truncated as in training (recorded in the patch) unless `max_seq_length` says;
+    `sparse`: with the pruned Linear layers run by the sparse kernel (diffprune.sparse)."""
     from diffprune.patch import TaskPatch
     from diffprune.patch.ops import base_for
 
@@ -307,11 +309,11 @@ def evaluate_patch(patch_path: str | Path, task: str | None = None, data_dir: st
     patch.apply(base)
     length = max_seq_length or patch.meta.get("max_seq_length") or TrainSettings.max_seq_length
     settings = TrainSettings(task=spec.name, data_dir=data_dir, max_seq_length=length)
-    return _score(base.model, base, spec, settings, batch_size, split)
+    return _score(base.model, base, spec, settings, batch_size, split, sparse)
 
 
 def _score(model, base: BaseModel, spec: TaskSpec, settings: TrainSettings, batch_size: int,
-           split: str | None) -> dict[str, float]:
+           split: str | None, sparse: bool = False) -> dict[str, float]:
     """Metrics of a model on the task's dev split(s): every split, or the one named."""
     settings.max_eval_samples = None
     data = load_task_data(spec, base, settings, with_train=False)
@@ -321,7 +323,12 @@ def _score(model, base: BaseModel, spec: TaskSpec, settings: TrainSettings, batc
             raise DiffpruneError(f"{spec.name} has no dev split '{split}'; choose one of {', '.join(data.dev)}")
         data.dev = {split: data.dev[split]}
     accelerator = Accelerator()
-    return dev_metrics(model.to(accelerator.device), data, make_collator(base.tokenizer), accelerator, batch_size)
+    model = model.to(accelerator.device)
+    if sparse:
+        from diffprune.sparse import sparsify_for_eval
+
+        sparsify_for_eval(model, batch_size, settings.max_seq_length)
+    return dev_metrics(model, data, make_collator(base.tokenizer), accelerator, batch_size)
 
 
 def predict_run(run_dir: str | Path, output: str | Path, data_dir: str | None = None,

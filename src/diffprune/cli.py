@@ -153,7 +153,9 @@ def _eval_options(fn):
 @click.option("--model", default=None, help="Base model for --patch (default: the one the patch names).")
 @click.option("--split", default=None, help="Dev split to score (default: every dev split of the task).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_command(run_dir, data_dir, batch_size, patch_file, task, model, split, as_json) -> None:
+@click.option("--sparse", is_flag=True, help="Run the pruned Linear layers with the sparse CPU kernel "
+              "(those where it is measured faster); the scores equal the dense model's.")
+def eval_command(run_dir, data_dir, batch_size, patch_file, task, model, split, as_json, sparse) -> None:
     """Score a trained run (--run) or a patch (--patch) on the task's dev set(s)."""
     from diffprune.api import evaluate_patch, evaluate_run
 
@@ -161,9 +163,9 @@ def eval_command(run_dir, data_dir, batch_size, patch_file, task, model, split, 
         _run(_fail, "eval needs exactly one of --run DIR or --patch FILE")
     if patch_file:
         metrics = _run(evaluate_patch, patch_file, task, data_dir=data_dir, batch_size=batch_size, model=model,
-                       split=split)
+                       split=split, sparse=sparse)
     else:
-        metrics = _run(evaluate_run, run_dir, data_dir=data_dir, batch_size=batch_size, split=split)
+        metrics = _run(evaluate_run, run_dir, data_dir=data_dir, batch_size=batch_size, split=split, sparse=sparse)
     click.echo(json.dumps(metrics, indent=2) if as_json else "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
@@ -184,8 +186,10 @@ def predict_command(run_dir, data_dir, batch_size, output, overwrite) -> None:
 
 
 from diffprune.patch.cli import patch_group  # noqa: E402  (the `patch` subcommands)
+from diffprune.sparse.cli import speed_command  # noqa: E402
 
 main.add_command(patch_group)
+main.add_command(speed_command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,136 @@
+"""`sparsify(model)`: swap every pruned nn.Linear of a model for a SparseLinear, in place.
+
+Only modules are swapped (the transformers code runs as it is). A layer becomes sparse only
+where that is measured to pay: its dense and sparse forms are timed on this machine, at the
+batch and length given and on torch's threads, alternating, and the faster one is kept. So a
+converted model is never made slower by its conversion (to the timing's noise), and a layer
+whose sparsity is too low for the kernel stays an exact, untouched nn.Linear.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from diffprune.errors import DiffpruneError, DiffpruneWarning
+from diffprune.sparse.linear import SparseLinear
+
+CHOICES = ("measure", "sparse")
+
+
+@dataclass
+class LayerChoice:
+    """What sparsify did with one Linear: its density, the two timings (µs; None when not
+    timed) and the form it kept."""
+
+    name: str
+    shape: tuple[int, int]
+    density: float
+    dense_us: float | None
+    sparse_us: float | None
+    kept: str  # "sparse" or "dense"
+
+
+@dataclass
+class SparsifyReport:
+    tokens: int
+    threads: int
+    layers: list[LayerChoice] = field(default_factory=list)
+
+    @property
+    def sparse_layers(self) -> list[LayerChoice]:
+        return [layer for layer in self.layers if layer.kept == "sparse"]
+
+    def summary(self) -> str:
+        pruned = [layer for layer in self.layers if layer.density < 1]
+        if not pruned:
+            return "no pruned Linear layer: the model runs dense"
+        return (f"{len(self.sparse_layers)} of {len(pruned)} pruned Linear layers run sparse "
+                f"(timed at {self.tokens} tokens on {self.threads} threads; the rest stay dense, faster there)")
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "threads": self.threads, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def sparsify(model: nn.Module, *, batch_size: int = 1, length: int = 128, choose: str = "measure",
+             repeats: int = 9) -> SparsifyReport:
+    """Replace, in place, each nn.Linear holding zeros whose sparse form runs faster (`choose=
+    "measure"`, timed at `batch_size` x `length` tokens) or every one (`choose="sparse"`).
+
+    Returns what was done per layer. A model with no zero in any Linear weight is left as it is,
+    with a warning. A weight holding NaN or infinity is refused before anything is swapped.
+    """
+    if choose not in CHOICES:
+        raise DiffpruneError(f"choose must be one of {', '.join(CHOICES)}, not {choose!r}")
+    if batch_size < 1 or length < 1:
+        raise DiffpruneError(f"batch size and length must be at least 1 (got {batch_size} and {length})")
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name, m in linears:
+        if not torch.isfinite(m.weight).all() or (m.bias is not None and not torch.isfinite(m.bias).all()):
+            raise DiffpruneError(f"the Linear layer {name} holds NaN or infinite values; nothing was converted")
+    report = SparsifyReport(tokens=batch_size * length, threads=torch.get_num_threads())
+    with torch.no_grad():
+        for name, linear in linears:
+            report.layers.append(_convert(model, name, linear, report.tokens, choose, repeats))
+    if not any(layer.density < 1 for layer in report.layers):
+        warnings.warn(DiffpruneWarning("the model has no pruned Linear layer (no weight holds a zero); "
+                                       "it runs dense, unchanged"), stacklevel=2)
+    return report
+
+
+def _convert(model: nn.Module, name: str, linear: nn.Linear, tokens: int, choose: str, repeats: int) -> LayerChoice:
+    density = float((linear.weight != 0).float().mean())
+    shape = (linear.out_features, linear.in_features)
+    if density == 1.0:
+        return LayerChoice(name, shape, density, None, None, "dense")
+    sparse = SparseLinear.from_linear(linear)
+    # An expanding layer (the FFN's first) feeds an activation and then the next Linear: its
+    # output left transposed flows through both with no copy (measured: see SparseLinear).
+    sparse.transposed_output = linear.out_features > linear.in_features
+    dense_us = sparse_us = None
+    if choose == "measure":
+        dense_us, sparse_us = _time_pair(linear, sparse, tokens, repeats)
+        if sparse_us >= dense_us:
+            return LayerChoice(name, shape, density, dense_us, sparse_us, "dense")
+    _swap(model, name, sparse)
+    return LayerChoice(name, shape, density, dense_us, sparse_us, "sparse")
+
+
+def _time_pair(dense: nn.Module, sparse: nn.Module, tokens: int, repeats: int) -> tuple[float, float]:
+    """Median µs of each, called alternately on the same random input (so that load from other
+    work on the machine falls on both alike), after one warm-up call each."""
+    # A new input object per call: SparseLinear reuses the transposed input of a repeated one.
+    inputs = [torch.randn(tokens, dense.in_features) for _ in range(repeats + 1)]
+    times: dict[nn.Module, list[float]] = {dense: [], sparse: []}
+    for layer in (dense, sparse):
+        layer(inputs[-1])
+    for x in inputs[:-1]:
+        for layer in (dense, sparse):
+            start = time.perf_counter()
+            layer(x)
+            times[layer].append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times[dense]), statistics.median(times[sparse])
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def sparsify_for_eval(model: nn.Module, batch_size: int, length: int) -> SparsifyReport:
+    """sparsify before scoring a dev set, said on stderr. The layers are timed on at most
+    1,024 tokens (the choice barely moves beyond that, and timing a whole 128 x 128 batch per
+    layer would cost more than the scoring saves)."""
+    import click
+
+    if next(model.parameters()).device.type != "cpu":
+        raise DiffpruneError("sparse inference runs on the CPU; this model is on "
+                             f"{next(model.parameters()).device}")
+    report = sparsify(model, batch_size=max(1, min(batch_size, 1024 // max(1, length))), length=length)
+    click.echo(f"sparse: {report.summary()}", err=True)
+    return report

@@ -1,0 +1,143 @@
+"""`SparseLinear`: a drop-in for a pruned `nn.Linear`, its weight held in compressed rows.
+
+The weight becomes three buffers (row pointers, column indices, values), so `state_dict`,
+`.to()` and printing need no special case; the bias stays a parameter. The forward pass hands
+the kernel the input transposed (tokens contiguous per feature) and returns the output as a
+transposed view of the kernel's result, with no copy: torch's elementwise ops keep that
+layout, so a following SparseLinear (the FFN's second matrix, after GELU) finds its input
+already transposed and copies nothing either.
+
+Inference only, on float32 CPU tensors: the kernel computes no gradient, so a call that would
+need one is refused rather than answered with a tensor that silently has none.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffprune.errors import DiffpruneError
+from diffprune.sparse import kernel
+
+
+class _LastTransposed(threading.local):
+    """The last input transposed, kept (per thread) for the next call: attention's query, key
+    and value projections read the same tensor, which is then transposed once, not three times.
+    Reused only for the very same tensor object at the same version (unchanged in place), so
+    not under torch.inference_mode, whose tensors keep no version."""
+
+    source: torch.Tensor | None = None
+    version: int = -1
+    transposed: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        if x2.t().is_contiguous():  # already laid out by a previous SparseLinear: free
+            return x2.t()
+        if x.is_inference():  # no version counter: an in-place change could not be seen
+            self.source = self.transposed = None
+            return x2.t().contiguous()
+        if self.source is x and self.version == x._version:
+            return self.transposed
+        self.source, self.version, self.transposed = x, x._version, x2.t().contiguous()
+        return self.transposed
+
+
+_last = _LastTransposed()
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W stored as CSR and multiplied by the sparse CPU kernel.
+
+    Build one from a trained layer with `SparseLinear.from_linear(linear)`; outputs match the
+    dense layer's to float32 rounding (the sums run in another order).
+    """
+
+    def __init__(self, in_features: int, out_features: int, indptr: np.ndarray, indices: np.ndarray,
+                 values: np.ndarray, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.register_buffer("indptr", torch.from_numpy(np.ascontiguousarray(indptr)))
+        self.register_buffer("indices", torch.from_numpy(np.ascontiguousarray(indices)))
+        self.register_buffer("values", torch.from_numpy(np.ascontiguousarray(values)))
+        zeros = torch.zeros(self.out_features)
+        self.bias = nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False) if bias is not None \
+            else None
+        self._zero_bias = zeros.numpy()
+        self._blocks: dict[int, np.ndarray] = {}
+        self._views: tuple | None = None
+        # Whether forward returns the kernel's output as a transposed view (no copy). It pays
+        # where the next consumers are elementwise ops and another SparseLinear (the FFN's
+        # expansion), and costs where they want contiguous rows (attention's fast kernel).
+        self.transposed_output = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SparseLinear:
+        if not isinstance(linear, nn.Linear):
+            raise DiffpruneError(f"SparseLinear replaces an nn.Linear, not a {type(linear).__name__}")
+        if linear.bias is not None and not torch.isfinite(linear.bias).all():
+            raise DiffpruneError("the bias holds NaN or infinite values")
+        indptr, indices, values = kernel.csr_from_dense(linear.weight)
+        return cls(linear.in_features, linear.out_features, indptr, indices, values, linear.bias)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.in_features * self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes the weight takes: row pointers, column indices and values (the bias apart)."""
+        return sum(t.numel() * t.element_size() for t in (self.indptr, self.indices, self.values))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense matrix (for checks and export; the forward pass never builds it)."""
+        rows = torch.repeat_interleave(torch.arange(self.out_features), self.indptr.diff().long())
+        w = torch.zeros(self.out_features, self.in_features)
+        w[rows, self.indices.long()] = self.values
+        return w
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.4f}")
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        """numpy views of the buffers, made again only when a buffer was replaced (a load or
+        `.to()`): making them costs microseconds per call, which add up over a model's layers."""
+        tensors = (self.indptr, self.indices, self.values, self.bias)
+        if self._views is None or any(a is not b for a, b in zip(self._views[0], tensors)):
+            bias = self.bias.detach().numpy() if self.bias is not None else self._zero_bias
+            self._views = (tensors, (self.indptr.numpy(), self.indices.numpy(), self.values.numpy(), bias))
+        return self._views[1]
+
+    def _row_blocks(self, threads: int) -> np.ndarray:
+        if threads not in self._blocks:
+            self._blocks[threads] = kernel.row_blocks(self.indptr.numpy(), threads)
+        return self._blocks[threads]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        tokens = x2.shape[0]
+        yT = torch.empty(self.out_features, tokens)
+        if tokens:
+            threads = kernel.kernel_threads()
+            indptr, indices, values, bias = self._arrays()
+            kernel.sparse_matmul_t(self._row_blocks(threads), indptr, indices, values, _last.of(x, x2).numpy(),
+                                   bias, yT.numpy(), threads)
+        y = yT.t() if self.transposed_output else yT.t().contiguous()
+        return y.reshape(*lead, self.out_features)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            raise DiffpruneError(f"SparseLinear runs on float32 CPU tensors, not {x.dtype} on {x.device}")
+        if x.shape[-1] != self.in_features:
+            raise DiffpruneError(f"SparseLinear expects {self.in_features} input features, got {x.shape[-1]}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise DiffpruneError("SparseLinear is for inference: it computes no gradient "
+                                 "(run it under torch.inference_mode() or torch.no_grad())")
