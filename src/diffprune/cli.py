@@ -189,6 +189,10 @@ from diffprune.patch.cli import patch_group  # noqa: E402  (the `patch` subcomma
 from diffprune.sparse.cli import speed_command  # noqa: E402
 
 main.add_command(patch_group)
+
+from diffprune.serving.cli import serve_command  # noqa: E402  (`serve`; its body lives in diffprune.serving)
+
+main.add_command(serve_command)
 main.add_command(speed_command)
 
 if __name__ == "__main__":
