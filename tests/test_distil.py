@@ -74,8 +74,8 @@ def test_the_attention_terms_leave_padded_positions_out():
     s, t = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     loss = attention_term((s,), (t,), mask, [0, 1])
-    by_hand = torch.cat([(s[0] - t[0]).square().reshape(-1), (s[1, :, :3, :3] - t[1, :, :3, :3]).square().reshape(-1)])
-    assert loss.item() == pytest.approx(by_hand.mean().item())
+    by_hand = ((s[0] - t[0]).square().mean() + (s[1, :, :3, :3] - t[1, :, :3, :3]).square().mean()) / 2
+    assert loss.item() == pytest.approx(by_hand.item())  # each example's mean, then their mean
     moved = s.clone()
     moved[1, :, 3:, :] += 100  # padded queries and keys do not count
     moved[1, :, :, 3:] -= 100
@@ -88,7 +88,8 @@ def test_the_hidden_term_sums_mapped_layers_over_real_tokens():
     student = (teacher[0] + 1, teacher[2] + 2)  # one layer that maps onto teacher layer 4
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     loss = hidden_term(student, teacher, mask, [0, 4])
-    expected = 1.0 + ((student[1] - teacher[4])[mask.bool()]).square().mean().item()
+    squares = (student[1] - teacher[4]).square()
+    expected = 1.0 + (squares[0].mean() + squares[1, :2].mean()).item() / 2
     assert loss.item() == pytest.approx(expected)
 
 
@@ -296,3 +297,34 @@ def test_a_student_that_cannot_map_onto_the_teacher_is_refused(tmp_path):
     three = _three_layers(tmp_path / "three")
     _refused(tmp_path, three, {"student_layers": 2}, "a student of 2 layers cannot map uniformly onto the teacher's 3")
     _refused(tmp_path, three, {"student_layers": 4}, "the base has only 3 layers")
+
+
+# -- several processes ------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_two_processes_distil_as_one(tiny_model_no_dropout, tmp_path, one_thread):
+    """Uneven shares of every global batch (4 and 3 of 7, then 1 and 0): each KD term weighted by
+    the process's share gives the one-process loss, step by step, in both phases."""
+    from diffprune.cli import main
+    from test_distributed import launch_two, losses, train_args
+
+    def args(out):
+        found = train_args(tiny_model_no_dropout, out)
+        found[found.index("full")] = "distil"
+        found[found.index("--epochs") + 1] = "1"
+        return [*found, "--sparsity", "0.5", "--patch-dtype", "float32"]
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch_two(args(two), tmp_path / "two.log", meanwhile=lambda: main(args(one), standalone_mode=False))
+    r1, r2 = (json.loads((run / "run.json").read_text()) for run in (one, two))
+    assert r2["num_processes"] == 2 and r1["steps"] == r2["steps"] == 8
+    l1, l2 = losses(one), losses(two)
+    assert l1.keys() == l2.keys() == set(range(1, 9))
+    assert all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in l1)
+    p1, p2 = (TaskPatch.load(run / "patch.safetensors") for run in (one, two))
+    assert p1.diffs.keys() == p2.diffs.keys()
+    for name in p1.diffs:
+        assert torch.equal(p1.diffs[name].positions, p2.diffs[name].positions), name
+        # within one Adam step (lr 1e-3 for the student, 5e-5 for the teacher): an entry whose
+        # gradient is near zero takes a step of about lr whose sign the order of float sums decides
+        torch.testing.assert_close(p1.diffs[name].values, p2.diffs[name].values, atol=1e-3, rtol=0)
+        assert (p1.diffs[name].values - p2.diffs[name].values).abs().gt(1e-5).sum() <= 2, name

@@ -1,6 +1,6 @@
 """The distillation loss terms (TinyBERT's, as SparseBERT uses them): attention, hidden states,
-prediction. Each is a mean over the real (unpadded) positions of the batch and summed over the
-mapped layers; their sum is the loss."""
+prediction. Each is a mean over the real (unpadded) positions of each example, then over the
+examples, summed over the mapped layers; their sum is the loss."""
 
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ def attention_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tenso
     key) and those of the teacher layer it maps to, over pairs of real tokens only: padded
     queries and keys are zeroed on both sides and left out of the mean."""
     pairs = (mask[:, None, :, None] * mask[:, None, None, :]).to(student[0].dtype)  # (batch, 1, L, L)
-    count = pairs.sum() * student[0].shape[1]
     total = student[0].new_zeros(())
     for layer, target in enumerate(mapping[1:]):
-        diff = (student[layer] - teacher[target - 1]) * pairs
-        total = total + diff.square().sum() / count
+        total = total + per_example_mean((student[layer] - teacher[target - 1]).square() * pairs, pairs)
     return total
 
 
@@ -29,11 +27,19 @@ def hidden_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     """Sum over the student's hidden states, the embedding output included, of the MSE with the
     teacher's hidden state it maps to, over real tokens only."""
     tokens = mask[:, :, None].to(student[0].dtype)
-    count = tokens.sum() * student[0].shape[-1]
     total = student[0].new_zeros(())
     for state, target in enumerate(mapping):
-        total = total + ((student[state] - teacher[target]) * tokens).square().sum() / count
+        total = total + per_example_mean((student[state] - teacher[target]).square() * tokens, tokens)
     return total
+
+
+def per_example_mean(squares: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each example's mean over its real entries, then the mean over the examples: every example
+    weighs the same whatever its length, so a batch split over processes (each term weighted by
+    its share of the examples, as the task loss is) gives the whole batch's value exactly."""
+    dims = tuple(range(1, squares.dim()))
+    counts = weights.expand_as(squares).sum(dims).clamp_min(1.0)
+    return (squares.sum(dims) / counts).mean()
 
 
 def prediction_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
