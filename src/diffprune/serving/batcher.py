@@ -27,19 +27,25 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="diffprune-batcher", daemon=True)
         self._stopping = False
+        self._starting = threading.Lock()
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the worker (the first request starts it too, should the app's startup not run)."""
+        with self._starting:
+            if not self._thread.is_alive() and not self._stopping:
+                self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the worker."""
         self._stopping = True
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
 
     async def submit(self, request: Request) -> list[dict]:
         if self._stopping:
             raise DiffpruneError("the server is shutting down")
+        self.start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((request, loop, future))
