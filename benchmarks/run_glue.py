@@ -36,6 +36,8 @@ COMMON = {"batch_size": 32, "max_seq_length": 128, "warmup_ratio": 0.1, "weight_
 EPOCHS = {"SST-2": 0.5}
 # Patches keep fp32 values here so that storage.py can measure what fp16 / bf16 values cost.
 FP32 = {"patch_dtype": "float32"}
+# Gradual magnitude pruning of the finetuned model without distillation (distil's options).
+GMP = {"student_init": "teacher", "distil_loss": "task"}
 # (method, its options, seeds). The plan runs in tiers so that an interrupted plan still
 # compares the methods that matter most on every task: first seeds of the main methods on the
 # small tasks, then the other variants, then second seeds, SST-2 (the long one) last.
@@ -68,8 +70,23 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("magnitude", {"sparsity": 0.9}, [1]),
     ("random-mask", {"sparsity": 0.9}, [1]),
     ("abp", {"sparsity": 0.2}, [1]),
+    # Pruning at distilling (SparseBERT) and its comparators, in the same epochs as every method:
+    # each learns from (or, for gradual magnitude pruning, starts from) the task's full finetuning
+    # run of seed 1, the teacher row; the paper's constant lr 3e-5 (distil's default). The
+    # 2- and 1-layer dense students keep 33% and 17% of the encoder's Linear weights.
+    ("distil", {"sparsity": 0.95, **FP32}, [1, 2]),
+    ("distil", {"sparsity": 0.9, **FP32}, [1]),
+    ("distil", {"sparsity": 0.8, **FP32}, [1]),
+    ("distil", {"sparsity": 0.95, **GMP, **FP32}, [1]),
+    ("distil", {"sparsity": 0.9, **GMP, **FP32}, [1]),
+    ("distil", {"sparsity": 0.0, **FP32}, [1]),
+    ("distil", {"sparsity": 0.0, "student_layers": 2}, [1]),
+    ("distil", {"sparsity": 0.0, "student_layers": 1}, [1]),
+    # the storage question: the same 95% patch without any change to the embeddings
+    ("distil", {"sparsity": 0.95, "freeze_embeddings": True, **FP32}, [1]),
 ]
 MASK_METHODS = {"abp", "magnitude", "random-mask"}
+TEACHER = "runs/{task}-full-s1"  # relative to this folder; the distil variants' --teacher
 MAIN = 4  # the first four variants form the first tier
 
 
@@ -78,7 +95,8 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
     for position, (method, options, seeds) in enumerate(VARIANTS):
         label = method + (f"@{options['budget']}" if "budget" in options else "") \
             + (f"@r{options['lora_r']}" if "lora_r" in options else "") \
-            + (f"@{options['sparsity']}" if "sparsity" in options else "")
+            + (f"@{options['sparsity']}" if "sparsity" in options else "") \
+            + "".join(f"@{tag}" for tag in variant_tags(options))
         if method not in methods and label not in methods:
             continue
         for seed_index, seed in enumerate(seeds[:max_seeds]):
@@ -90,6 +108,8 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
                     config["head_epochs"] = round(config["epochs"] / 3, 4)
                 elif method == "head":  # as many epochs of head training as the mask methods have
                     config["epochs"] = round(config["epochs"] * 4 / 3, 4)
+                elif method == "distil":
+                    config["teacher"] = TEACHER.format(task=task)
                 plan.append(((tier, tasks.index(task), position), config))
     return [config for _, config in sorted(plan, key=lambda item: item[0])]
 
@@ -97,7 +117,15 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
 def run_name(config: dict) -> str:
     budget, rank, sparsity = config.get("budget"), config.get("lora_r", 8), config.get("sparsity")
     return (f"{config['task']}-{config['method']}" + (f"-b{budget}" if budget else "")
-            + (f"-r{rank}" if rank != 8 else "") + (f"-sp{sparsity}" if sparsity else "") + f"-s{config['seed']}")
+            + (f"-r{rank}" if rank != 8 else "") + (f"-sp{sparsity}" if sparsity else "")
+            + "".join(f"-{tag}" for tag in variant_tags(config)) + f"-s{config['seed']}")
+
+
+def variant_tags(options: dict) -> list[str]:
+    """What sets a distil comparator apart from distil at the same sparsity, for names and labels."""
+    return ((["gmp"] if options.get("student_init") == "teacher" else [])
+            + ([f"L{options['student_layers']}"] if options.get("student_layers") else [])
+            + (["frozen-emb"] if options.get("freeze_embeddings") else []))
 
 
 def recorded() -> dict[str, dict]:
@@ -115,6 +143,8 @@ def run_settings(config: dict) -> dict:
 def execute(config: dict, data_dir: str | None, name: str | None = None) -> dict:
     out = RUNS / (name or run_name(config))
     out.mkdir(parents=True, exist_ok=True)
+    if "teacher" in config:  # recorded relative to this folder, given to the run absolute
+        config = {**config, "teacher": str(HERE / config["teacher"])}
     (out.parent / f"{out.name}.json").write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "diffprune", "train", "--config", str(out.parent / f"{out.name}.json"),
            "--output", str(out), "--checkpoint-every", "100", "--log-every", "20"]
@@ -146,6 +176,7 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "method": run["method"],
         "budget": run.get("budget"),
         "sparsity": config.get("sparsity"),
+        "variant": " ".join(variant_tags(config)) or None,
         "seed": config["seed"],
         "metric": run["metric"],
         "score": run["score"],
@@ -161,8 +192,8 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "evals": run["evals"],
         # the weights a user keeps for this task: patch, adapter or full model file(s)
         "artifact_bytes": sum(size for file, size in run["files"].items() if file.endswith(".safetensors")),
-        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density", "reached_at_step", "tensor_sparsity")
-           if k in run},
+        **{k: run[k] for k in ("nnz", "patch_bytes", "learned_density", "reached_at_step", "tensor_sparsity",
+                               "student_layers", "attention_target") if k in run},
     }
 
 
@@ -185,6 +216,10 @@ def main() -> None:
                     sys.exit(f"{name} is recorded with other settings ({done[name]}); "
                              f"move its record out of {RESULTS} and its folder out of {RUNS} to run it again")
                 continue
+            teacher = config.get("teacher")
+            if teacher and not (HERE / teacher / "run.json").exists():
+                sys.exit(f"{name} learns from {HERE / teacher}, which holds no finished run: run its full "
+                         f"finetuning first (--methods full --tasks {config['task']})")
             print(f"== {name}", flush=True)
             record = to_record(name, config, execute(config, args.data_dir))
             RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ TASK_ORDER = ["RTE", "MRPC", "STS-B", "SST-2", "CoLA", "QNLI", "QQP", "MNLI", "W
 def _label(r: dict) -> str:
     rank = r.get("settings", {}).get("lora_r")
     return (r["method"] + (f" @{r['budget']:g}" if r.get("budget") else "") + (f" r{rank}" if rank else "")
-            + (f" s{r['sparsity']:g}" if r.get("sparsity") else ""))
+            + (f" s{r['sparsity']:g}" if r.get("sparsity") else "") + (f" {r['variant']}" if r.get("variant") else ""))
 
 
 def render(records: list[dict]) -> str:
