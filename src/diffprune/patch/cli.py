@@ -1,4 +1,4 @@
-"""`diffprune patch ...`: inspect, apply, export and plot task patch files."""
+"""`diffprune patch ...`: inspect, apply, export, add and plot task patch files."""
 
 from __future__ import annotations
 
@@ -77,6 +77,27 @@ def apply_command(file: str, model: str | None, output: str) -> None:
 def export_command(file: str, output: str, model: str | None) -> None:
     """Write base + patch as a plain transformers model folder (the base the patch names)."""
     _write_patched_model(file, output, model)
+
+
+@patch_group.command("add")
+@click.argument("first", type=click.Path(dir_okay=False))
+@click.argument("second", type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
+@click.option("--value-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="How the values are stored; auto keeps the inputs' dtype unless summed entries need float32.")
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+def add_command(first: str, second: str, output: str, value_dtype: str, overwrite: bool) -> None:
+    """Sum two 'add' patches of the same base (a domain patch plus a task patch, say); the head
+    and task are SECOND's. Reports the positions both change (their values are summed)."""
+    from diffprune.patch.ops import add_files
+
+    done = _run(add_files, first, second, output, value_dtype, overwrite)
+    click.echo(f"wrote {done['output']}: {done['nnz']:,} changed entries ({done['first_nnz']:,} + "
+               f"{done['second_nnz']:,}, {done['overlapping']:,} overlapping positions summed), "
+               f"{done['bytes']:,} bytes, values {done['value_dtype']}")
+    for name, count in sorted(done["overlaps"].items(), key=lambda kv: -kv[1])[:10]:
+        click.echo(f"  {count:,} overlapping in {name}")
 
 
 @patch_group.command("plot")

@@ -31,3 +31,57 @@ def export(patch_path: str | Path, output: str | Path, model: str | None = None)
     """Write base + patch as a plain transformers model folder."""
     patch = TaskPatch.load(patch_path)
     return export_model(patch, base_for(patch, model), output)
+
+
+def sum_patches(a: TaskPatch, b: TaskPatch) -> tuple[TaskPatch, dict[str, int]]:
+    """a + b for two "add" patches of one base (a domain patch plus a task patch, say): every
+    changed entry of either, overlapping ones summed (in float32), sums of exactly zero left out.
+    The head and the task's meta are b's. Returns the sum and {tensor: overlapping positions}."""
+    import torch
+
+    from diffprune.patch.kinds import ADD, SparseDiff
+
+    for label, p in (("the first", a), ("the second", b)):
+        kinds = sorted({d.kind for d in p.diffs.values()} - {ADD})
+        if kinds:
+            raise DiffpruneError(f"patch add sums 'add' patches, and {label} holds '{kinds[0]}' changes")
+    if a.meta["fingerprint"] != b.meta["fingerprint"]:
+        raise DiffpruneError(f"the patches are for different bases: {a.meta['fingerprint']} and {b.meta['fingerprint']}")
+    diffs, overlaps = {}, {}
+    for name in sorted(set(a.diffs) | set(b.diffs)):
+        da, db = a.diffs.get(name), b.diffs.get(name)
+        if da is not None and db is not None and da.shape != db.shape:
+            raise DiffpruneError(f"'{name}' has shape {da.shape} in the first patch and {db.shape} in the second")
+        parts = [d for d in (da, db) if d is not None]
+        positions, inverse = torch.unique(torch.cat([d.positions for d in parts]), return_inverse=True)
+        values = torch.zeros(positions.numel()).index_add_(0, inverse, torch.cat([d.values for d in parts]))
+        if len(parts) == 2:
+            overlaps[name] = da.nnz + db.nnz - positions.numel()
+        kept = values != 0
+        diffs[name] = SparseDiff(parts[0].shape, positions[kept], values[kept], ADD)
+    meta = {**b.meta, "metrics": {}, "sum_of": [_origin(a), _origin(b)]}
+    meta.pop("library_version", None)
+    return TaskPatch(diffs, b.head, meta), {n: k for n, k in overlaps.items() if k}
+
+
+def _origin(p: TaskPatch) -> dict:
+    return {"file": p._path.name if p._path else None, "task": p.meta.get("task"), "method": p.meta.get("method"),
+            "nnz": p.nnz}
+
+
+def add_files(first: str | Path, second: str | Path, output: str | Path, value_dtype: str = "auto",
+              overwrite: bool = False) -> dict:
+    """`diffprune patch add`: write first + second to output; what it did, for the report."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise DiffpruneError(f"{output} exists (pass --overwrite to replace it)")
+    a, b = TaskPatch.load(first), TaskPatch.load(second)
+    if output.resolve() in (Path(first).resolve(), Path(second).resolve()):
+        raise DiffpruneError("the output would overwrite one of the patches being added")
+    total, overlaps = sum_patches(a, b)
+    if value_dtype == "auto":  # a sum of two rounded values needs float32 to stay exact
+        same = a._value_dtype == b._value_dtype
+        value_dtype = a._value_dtype if same and not overlaps and a._value_dtype else "float32"
+    size = total.save(output, value_dtype)
+    return {"output": str(output), "bytes": size, "nnz": total.nnz, "first_nnz": a.nnz, "second_nnz": b.nnz,
+            "overlapping": sum(overlaps.values()), "overlaps": overlaps, "value_dtype": value_dtype}
