@@ -44,7 +44,7 @@ def per_task_logits(model_dir, patch: TaskPatch, inputs) -> torch.Tensor:
     """The reference: a base loaded with the task's own head shape, the patch applied whole,
     every input run alone (so padding differs from the batch's; the results must not)."""
     regression = patch.meta["problem_type"] == "regression"
-    own = load_base(str(model_dir), patch.meta["num_labels"], regression=regression)
+    own = load_base(str(model_dir), patch.meta["num_labels"], regression=regression, head=patch.meta["head"])
     own.model.eval()
     rows = []
     with torch.no_grad(), patch.apply(own):
@@ -72,6 +72,23 @@ def test_a_mixed_batch_equals_every_task_run_alone(folder, base, model_dir):
         patch = TaskPatch.load(folder / f"{request.task}.safetensors")
         want = per_task_logits(model_dir, patch, request.inputs)
         assert torch.allclose(logits_of(got), want, atol=1e-5), request.task
+
+
+def test_tasks_with_a_mix_of_every_layer_as_head_join_the_batch(tmp_path, base, model_dir):
+    """adapting-by-pruning's head (diffprune.heads): every layer's [CLS] or token mean into an
+    MLP, beside tasks with the model's own head, in one mixed batch and switched."""
+    kinds = {"cls": ("cls-mix", 3, False), "mean": ("mean-mix", 1, True), "own": ("model", 2, False)}
+    for i, (task, (head, n, regression)) in enumerate(kinds.items()):
+        random_patch(base, 0.05, n, seed=i, task=task, head=head, regression=regression, scale=0.2).save(
+            tmp_path / f"{task}.safetensors", "float32")
+    engine = Engine(TaskBank(base, tmp_path))
+    requests = [Request(t, TEXTS) for t in kinds]
+    for got in (engine.run(requests), [engine.run([r])[0] for r in requests]):
+        for request, predictions in zip(requests, got):
+            patch = TaskPatch.load(tmp_path / f"{request.task}.safetensors")
+            want = per_task_logits(model_dir, patch, TEXTS)
+            assert torch.allclose(logits_of(predictions), want, atol=1e-5), request.task
+    assert engine.mixed_batches == 1 and engine.switches == 3
 
 
 def test_the_deltas_matter(folder, base):
@@ -171,6 +188,7 @@ def test_a_head_kind_it_cannot_run_is_refused(folder, base):
     patch.save(folder / "h.safetensors")
     bank = TaskBank(base, folder)
     assert "head is of kind 'layer-mix'" in bank.refused["h.safetensors"]
+    assert "cls-mix" in bank.refused["h.safetensors"]
 
 
 def test_a_head_of_the_wrong_shape_fails_its_requests_only(folder, base):

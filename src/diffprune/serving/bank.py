@@ -60,6 +60,7 @@ class LoadedTask:
     regression: bool
     max_length: int
     mix_problem: str | None  # why it cannot join a mixed batch (None: it can)
+    head_kind: str = "model"
     patch_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,7 +135,7 @@ class TaskBank:
         meta = reg.meta
         info = {"name": name, "task": meta.get("task"), "method": meta.get("method"),
                 "labels": meta.get("labels"), "num_labels": meta.get("num_labels"),
-                "problem_type": meta.get("problem_type"), "file_bytes": reg.file_bytes,
+                "problem_type": meta.get("problem_type"), "head": meta.get("head") or "model", "file_bytes": reg.file_bytes,
                 "loaded": loaded is not None}
         if loaded is not None:
             info["served_by"] = "switching" if loaded.mix_problem else "mixed batches or switching"
@@ -223,7 +224,8 @@ class TaskBank:
         if patch.meta["fingerprint"] != self.base.fingerprint:  # the file was replaced since
             raise DiffpruneError(f"task '{reg.name}': made for base {patch.meta['fingerprint']}, but the served "
                                  f"base is {self.base.fingerprint}")
-        problem = head_problem(patch.head, self.base)
+        kind = head_kind(patch.meta)
+        problem = head_problem(patch.head, self.base, kind)
         if problem:
             raise DiffpruneError(f"task '{reg.name}' cannot be served: {problem}")
         meta = patch.meta
@@ -237,7 +239,7 @@ class TaskBank:
         limit = self.base.max_positions() or DEFAULT_MAX_LENGTH
         length = min(int(meta.get("max_seq_length") or DEFAULT_MAX_LENGTH), limit)
         return LoadedTask(reg.name, patch, head, num, labels, regression, length,
-                          mix_problem(patch.diffs, self._modules))
+                          mix_problem(patch.diffs, self._modules), kind)
 
 
 def _read_meta(path: Path) -> dict:

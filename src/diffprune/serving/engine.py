@@ -16,7 +16,7 @@ import torch
 from diffprune.errors import DiffpruneError
 from diffprune.patch.apply import apply_patch
 from diffprune.serving.bank import LoadedTask, TaskBank
-from diffprune.serving.heads import task_heads
+from diffprune.serving.heads import forward_with_heads
 from diffprune.serving.mixed import MixedBatch
 
 Input = str | tuple[str, str]
@@ -66,15 +66,16 @@ class Engine:
         encoded, row_slots = _encode(base.tokenizer, slots, parts)
         device = next(base.model.parameters()).device
         encoded = {k: v.to(device) for k, v in encoded.items()}
-        with torch.no_grad(), task_heads(base, [t.head for t in slots], row_slots):
+        heads, kinds = [t.head for t in slots], [t.head_kind for t in slots]
+        with torch.no_grad():
             if len(slots) == 1:
                 self.switches += 1
                 with apply_patch(slots[0].patch, base, head=False):
-                    logits = base.model(**encoded).logits
+                    logits = forward_with_heads(base, heads, kinds, row_slots, encoded)
             else:
                 self.mixed_batches += 1
                 with MixedBatch(base.model, [t.patch.diffs for t in slots], row_slots).installed():
-                    logits = base.model(**encoded).logits
+                    logits = forward_with_heads(base, heads, kinds, row_slots, encoded)
         results, start = [], 0
         for slot, inputs in parts:
             rows = logits[start: start + len(inputs), : slots[slot].num_outputs].float().cpu()

@@ -11,14 +11,18 @@ from __future__ import annotations
 import torch
 
 from diffprune.base import BaseModel
+from diffprune.heads import MODEL_HEAD, POOLINGS, LayerMixHead
 from diffprune.patch.kinds import ADD, MASK, SparseDiff
 from diffprune.patch.taskpatch import TaskPatch
+from diffprune.serving.heads import MIX_PREFIX
 
 
 def random_patch(base: BaseModel, density: float, num_labels: int = 2, *, seed: int = 0, kind: str = ADD,
                  regression: bool = False, labels: list[str] | None = None, task: str = "synthetic",
-                 tensors: list[str] | None = None, scale: float = 0.02, max_seq_length: int = 128) -> TaskPatch:
-    """A patch changing `density` of the entries of every base tensor (or of `tensors`)."""
+                 tensors: list[str] | None = None, scale: float = 0.02, max_seq_length: int = 128,
+                 head: str = MODEL_HEAD) -> TaskPatch:
+    """A patch changing `density` of the entries of every base tensor (or of `tensors`), with a
+    random head of kind `head` (diffprune.heads)."""
     g = torch.Generator().manual_seed(seed)
     diffs = {}
     for name, p in base.base_parameters().items():
@@ -29,15 +33,21 @@ def random_patch(base: BaseModel, density: float, num_labels: int = 2, *, seed: 
         values = None if kind == MASK else torch.randn(k, generator=g) * scale
         diffs[name] = SparseDiff(tuple(p.shape), positions, values, kind)
     outputs = 1 if regression else num_labels
-    own = base.model.config.num_labels
-    head = {}
-    for name, p in base.head_parameters().items():
-        shape = (outputs, *p.shape[1:]) if p.shape[0] == own else tuple(p.shape)
-        head[name] = torch.randn(shape, generator=g) * 0.2
+    kind, head = head, _random_head(base, head, outputs, g)
     if labels is None and not regression:
         labels = [f"{task}-{i}" for i in range(outputs)]
     meta = {"base": base.name, "fingerprint": base.fingerprint, "method": "synthetic", "task": task,
             "labels": None if regression else labels, "num_labels": outputs,
             "problem_type": "regression" if regression else "single_label_classification",
-            "max_seq_length": max_seq_length, "base_params": base.num_base_params}
+            "max_seq_length": max_seq_length, "base_params": base.num_base_params, "head": kind}
     return TaskPatch(diffs, head, meta)
+
+
+def _random_head(base: BaseModel, kind: str, outputs: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    if kind == MODEL_HEAD:
+        own, shapes = base.model.config.num_labels, {n: p.shape for n, p in base.head_parameters().items()}
+    else:
+        module = LayerMixHead(base.model.config, POOLINGS[kind])
+        own, shapes = module.out_proj.out_features, {MIX_PREFIX + n: p.shape for n, p in module.named_parameters()}
+    return {n: torch.randn((outputs, *s[1:]) if s[0] == own else tuple(s), generator=g) * 0.2
+            for n, s in shapes.items()}
