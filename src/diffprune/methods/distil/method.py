@@ -62,6 +62,9 @@ class PruningAtDistilling(Method):
     # -- the models -----------------------------------------------------------------------
     def prepare(self, base: BaseModel) -> nn.Module:
         c = self.config
+        if getattr(base, "head", "model") != "model":  # the KD terms read the HF model's own outputs
+            raise DiffpruneError(f"method 'distil' needs --head model, not {base.head}: its teacher is a full "
+                                 "finetuning run, which has the model's own head")
         self.teacher_record: dict | None = None
         teacher = None
         if c.teacher:
