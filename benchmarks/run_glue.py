@@ -158,6 +158,21 @@ def execute(config: dict, data_dir: str | None, name: str | None = None) -> dict
     return json.loads((out / "run.json").read_text())
 
 
+def ensure_teacher(config: dict, data_dir: str | None) -> None:
+    """A distil variant's teacher is the task's full run of seed 1, whose folder (its model)
+    may be missing where only its record came along: train it again into that folder (the
+    record stays the one already written; the distil record notes the score of the teacher it
+    learned from)."""
+    folder = HERE / config["teacher"]
+    if (folder / "run.json").exists():
+        return
+    full = planned([config["task"]], ["full"], 1)[0]
+    if RUNS / run_name(full) != folder:
+        sys.exit(f"{config['task']}: the teacher {folder} is not the full run this plan makes ({run_name(full)})")
+    print(f"== {run_name(full)} (the teacher of the distil variants; its folder is missing)", flush=True)
+    execute(full, data_dir)
+
+
 def run_child(cmd: list[str]) -> None:
     """Run one training process; stopping this script (Ctrl-C or a plain `kill`) stops it too.
 
@@ -177,6 +192,8 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "budget": run.get("budget"),
         "sparsity": config.get("sparsity"),
         "variant": " ".join(variant_tags(config)) or None,
+        "teacher_score": json.loads((HERE / config["teacher"] / "run.json").read_text())["score"]
+        if config.get("teacher") else None,
         "seed": config["seed"],
         "metric": run["metric"],
         "score": run["score"],
@@ -216,10 +233,8 @@ def main() -> None:
                     sys.exit(f"{name} is recorded with other settings ({done[name]}); "
                              f"move its record out of {RESULTS} and its folder out of {RUNS} to run it again")
                 continue
-            teacher = config.get("teacher")
-            if teacher and not (HERE / teacher / "run.json").exists():
-                sys.exit(f"{name} learns from {HERE / teacher}, which holds no finished run: run its full "
-                         f"finetuning first (--methods full --tasks {config['task']})")
+            if config.get("teacher"):
+                ensure_teacher(config, args.data_dir)
             print(f"== {name}", flush=True)
             record = to_record(name, config, execute(config, args.data_dir))
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
