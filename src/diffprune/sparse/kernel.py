@@ -2,15 +2,19 @@
 
 Layout: the activations are used transposed, one row per input feature holding that feature's
 value for every token, so each nonzero w[o, i] updates the contiguous token vector y^T[o, :]
-with w * x^T[i, :]: a vectorised multiply-add over tokens, no gather. Nonzeros are taken four at
-a time so that each pass over y^T[o, :] does four multiply-adds per load and store.
+with w * x^T[i, :]: a vectorised multiply-add over tokens, no gather. Nonzeros are taken eight
+(then four) at a time so that each pass over y^T[o, :] does eight multiply-adds per load and
+store of it (measured: 5 to 15% faster than four at a time on 384 x 1536 at 80 to 95%).
 
 Threads: the rows are cut into blocks of equal nonzero counts, one block per thread, run by
 numba's `prange` on as many threads as torch uses (`torch.get_num_threads()`) when called.
-numba's own "workqueue" pool runs them (unless NUMBA_THREADING_LAYER says otherwise): its
-threads sleep between calls instead of spinning, so they do not take cores from torch's
-OpenMP threads, and it loads no second OpenMP runtime beside torch's. It takes one call at a
-time, hence the lock.
+The pool is numba's TBB layer where the tbb package is installed (a dependency on x86-64),
+else its own "workqueue" layer, never its OpenMP layer unless NUMBA_THREADING_LAYER asks: that
+one loads a second OpenMP runtime beside torch's, and the two runtimes' threads spin for
+milliseconds after each parallel region, each taking the cores the other needs next (measured
+here: single layers at 6 to 8 ms instead of 0.2). TBB starts a kernel in about 5 µs and its
+threads soon sleep; workqueue's threads always sleep but take about 50 µs to start, and it
+takes one call at a time, hence the lock.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ def numba():
             import numba as nb
         except ImportError as e:  # pragma: no cover - a hard dependency
             raise DiffpruneError("sparse inference needs the package numba (pip install numba)") from e
-        if "NUMBA_THREADING_LAYER" not in os.environ:
-            nb.config.THREADING_LAYER = "workqueue"
+        if not {"NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY"} & set(os.environ):
+            nb.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
         _numba = nb
     return _numba
 
@@ -63,6 +67,15 @@ def _compile() -> dict[str, object]:
                 acc[t] = b
             k = indptr[o]
             end = indptr[o + 1]
+            while k + 8 <= end:
+                w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
+                w4, w5, w6, w7 = data[k + 4], data[k + 5], data[k + 6], data[k + 7]
+                x0, x1, x2, x3 = xT[indices[k]], xT[indices[k + 1]], xT[indices[k + 2]], xT[indices[k + 3]]
+                x4, x5, x6, x7 = xT[indices[k + 4]], xT[indices[k + 5]], xT[indices[k + 6]], xT[indices[k + 7]]
+                for t in range(tokens):
+                    acc[t] += ((w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t])
+                               + (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t]))
+                k += 8
             while k + 4 <= end:
                 w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
                 x0, x1, x2, x3 = xT[indices[k]], xT[indices[k + 1]], xT[indices[k + 2]], xT[indices[k + 3]]
