@@ -225,3 +225,52 @@ def test_a_prepared_patch_follows_a_replaced_parameter(model_dir):
         assert torch.equal(query.weight, old + patch.dense_diff(name))
         assert not torch.equal(query.weight, old)
     assert torch.equal(query.weight, old)
+
+
+def test_the_kernel_and_the_block_sparse_product_agree(folder, base):
+    """On the CPU without gradients the numba kernel adds the Linear deltas in place; with
+    gradients the block-diagonal sparse product does it out of place: the same numbers."""
+    from diffprune.serving.heads import forward_with_heads
+    from diffprune.serving.mixed import MixedBatch
+
+    patches = [TaskPatch.load(folder / f"t{i}.safetensors") for i in (0, 1, 3)]
+    row_slots = torch.tensor([2, 0, 1, 0])
+    encoded = dict(base.tokenizer(["a b c", "d e", "f g h i", "j"], padding=True, return_tensors="pt"))
+    heads, kinds = [p.head for p in patches], ["model"] * 3
+    results = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), MixedBatch(base.model, [p.diffs for p in patches], row_slots).installed():
+            results.append(forward_with_heads(base, heads, kinds, row_slots, encoded).detach())
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_serve_binds_localhost_and_shuts_down_cleanly(folder, model_dir, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "diffprune", "serve", "--patches", str(folder), "--base",
+                               str(model_dir), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline, up = time.monotonic() + 120, False
+        while time.monotonic() < deadline and not up and server.poll() is None:
+            try:
+                up = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert up, server.stderr.read() if server.poll() is not None else "not up"
+        got = httpx.post(f"http://127.0.0.1:{port}/tasks/t2/predict", json={"inputs": [["a", "b"]]}, timeout=30)
+        assert "value" in got.json()["predictions"][0]
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err
+    assert f"at http://127.0.0.1:{port}" in out

@@ -4,9 +4,9 @@ The base computes as it always does; forward hooks on the modules a batch's patc
 each row's own task's delta to that module's output (wrapping, not forking: modules are found by
 type, never by the model's name):
 
-* nn.Linear weight: the delta's sparse product on that task's rows only. Every row's entries are
-  one block of a block-diagonal sparse matrix (rows x out) x (rows x in), multiplied once with
-  the rows' inputs (scipy's CSR product on the CPU, torch's elsewhere);
+* nn.Linear weight: the delta's sparse product on that task's rows only, added into the output
+  in place (kernel.py, on the CPU); elsewhere, or with gradients on, every row's entries are one
+  block of a block-diagonal sparse matrix multiplied once with the rows' inputs;
 * nn.Linear bias, nn.LayerNorm weight and bias: per-row gathers of each task's dense vector
   (a LayerNorm's output is recomputed from its normalised input with each row's own scale);
 * nn.Embedding weight: per-row gathers of the changed entries of the looked-up rows.
@@ -27,6 +27,7 @@ from torch import nn
 
 from diffprune.errors import DiffpruneError
 from diffprune.patch.kinds import ADD, SparseDiff
+from diffprune.serving import kernel
 
 # The modules whose changes can be added per row, and which of their parameters.
 MIXABLE = {nn.Linear: ("weight", "bias"), nn.Embedding: ("weight",), nn.LayerNorm: ("weight", "bias")}
@@ -102,11 +103,31 @@ class MixedBatch:
     def _linear(self, m: nn.Linear, x: torch.Tensor, out: torch.Tensor, changed: dict) -> torch.Tensor:
         self._check_batch(x, m)
         if "weight" in changed:
-            out = out + _sparse_rows_product(x, changed["weight"], self.row_slots, m.in_features, m.out_features)
+            out = self._add_weight_delta(x, out, changed["weight"], m.in_features, m.out_features)
         if "bias" in changed:
             rows = self._rows_of(changed["bias"], m.out_features, out)
             out = out + rows.view(self.batch, *[1] * (out.dim() - 2), m.out_features)
         return out
+
+    def _add_weight_delta(self, x: torch.Tensor, out: torch.Tensor, per_slot: list, n_in: int,
+                          n_out: int) -> torch.Tensor:
+        if not kernel.available(x) or torch.is_grad_enabled():
+            return out + _sparse_rows_product(x, per_slot, self.row_slots, n_in, n_out)
+        # Every slot's entries once, each row reading its own slot's range of them.
+        present = [(s, d) for s, d in enumerate(per_slot) if d is not None]
+        positions = torch.cat([d.positions for _, d in present])
+        values = torch.cat([d.values for _, d in present])
+        ends = torch.tensor([d.nnz for _, d in present]).cumsum(0)
+        slot_start = torch.zeros(len(per_slot), dtype=torch.int64)
+        slot_end = torch.zeros(len(per_slot), dtype=torch.int64)
+        slot_end[[s for s, _ in present]] = ends
+        slot_start[[s for s, _ in present]] = ends - torch.tensor([d.nnz for _, d in present])
+        out_index = positions // n_in
+        in_index = positions - out_index * n_in
+        result = out.contiguous().view(self.batch, -1, n_out)
+        kernel.add_row_deltas(x.contiguous().view(self.batch, -1, n_in), result, out_index, in_index, values,
+                              slot_start[self.row_slots], slot_end[self.row_slots])
+        return result.view(out.shape)
 
     def _layer_norm(self, m: nn.LayerNorm, x: torch.Tensor, changed: dict) -> torch.Tensor:
         self._check_batch(x, m)

@@ -1,0 +1,244 @@
+"""Serving many tasks on one base: switching, mixed-task batches, memory, and an HTTP load test.
+
+On the packaged all-MiniLM-L6-v2, with random 0.5% "add" patches (serving cost depends on how
+many entries a patch changes and where, not on what was learned: diffprune.serving.synthetic):
+
+* apply_revert: apply + revert of one patch by switching (median of --repeats);
+* mixed: one forward of a batch of R rows over T tasks (--mixed-shapes, 64 tokens a row) with
+  every row's own delta and head, against the bare base on the same batch and PEFT's mixed LoRA
+  batches (r 8 on query and value, `adapter_names=`), alternated call by call, medians;
+* memory: what a loaded task holds in the bank against its patch file (fp16 values), and the
+  process's resident memory per task loaded;
+* load: `diffprune serve` on 127.0.0.1 in its own process, --clients concurrent clients for
+  --load-seconds, each request one text for one of 16 tasks; errors, throughput, p50 / p99
+  latency; the same load on a server of the bare base (16 head-only patches).
+
+Records are appended to results/serving.jsonl, one per measure, each with the options used and
+the load average at its start (the machine may be shared: `contended` marks a load average over
+0.5). A measure already recorded with the same options is skipped (resumable); --force redoes it.
+The table in benchmarks/README.md is generated from the records (--table-only).
+
+    python benchmarks/serving.py                      # everything (the load test: 2 x 60 s)
+    python benchmarks/serving.py --only mixed --mixed-shapes 16x16 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import diffprune
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "serving.jsonl"
+README = HERE / "README.md"
+BEGIN, END = "<!-- serving-table:begin -->", "<!-- serving-table:end -->"
+MEASURES = ("apply_revert", "mixed", "memory", "load")
+SENTENCES = ["the movie was a delight from start to finish and the cast was wonderful throughout",
+             "markets fell sharply on tuesday after the central bank raised interest rates again",
+             "a man is playing a guitar on a street corner while people walk past him quietly",
+             "the committee will meet next week to discuss the new budget and the hiring plan"]
+
+
+def record(measure: str, options: dict, figures: dict) -> dict:
+    load = os.getloadavg()
+    return {"kind": "serving", "measure": measure, "diffprune_version": diffprune.__version__,
+            "options": options, "loadavg": [round(x, 2) for x in load], **figures,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def done_before(measure: str, options: dict) -> bool:
+    if not RESULTS.exists():
+        return False
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return any(r["measure"] == measure and r["options"] == options for r in rows)
+
+
+def append(rec: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec))
+
+
+def median_ms(times: list[float]) -> float:
+    return round(1e3 * statistics.median(times), 4)
+
+
+# -- measures --------------------------------------------------------------------------------------
+def apply_revert(base, density: float, repeats: int) -> dict:
+    from diffprune.patch.apply import apply_patch
+    from diffprune.serving.synthetic import random_patch
+
+    patch = random_patch(base, density, 2)
+    for _ in range(20):
+        apply_patch(patch, base, head=False).revert()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        apply_patch(patch, base, head=False).revert()
+        times.append(time.perf_counter() - start)
+    return {"nnz": patch.nnz, "apply_revert_ms": median_ms(times),
+            "p90_ms": round(1e3 * sorted(times)[int(0.9 * len(times))], 4), "goal_ms": 1.0}
+
+
+def batch_of(base, rows: int, tokens: int = 64) -> dict:
+    texts = [" ".join(SENTENCES[(i + j) % 4] for j in range(4)) for i in range(rows)]
+    return dict(base.tokenizer(texts, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt"))
+
+
+def lora_model(tasks: int):
+    from peft import LoraConfig, get_peft_model
+
+    from diffprune.base import load_base
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS",
+                        init_lora_weights=False)  # random B: the adapters really compute
+    model = get_peft_model(load_base(None, 2).model, config, adapter_name="t0")
+    for t in range(1, tasks):
+        model.add_adapter(f"t{t}", config)
+    return model.eval()
+
+
+def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
+    from diffprune.serving.heads import forward_with_heads
+    from diffprune.serving.mixed import MixedBatch
+    from diffprune.serving.synthetic import random_patch
+
+    patches = [random_patch(base, density, 2 + t % 2, seed=t) for t in range(tasks)]
+    encoded = batch_of(base, rows)
+    row_slots = torch.arange(rows) % tasks
+    heads, kinds = [p.head for p in patches], ["model"] * tasks
+    peft = lora_model(tasks)
+    names = [f"t{int(s)}" for s in row_slots]
+
+    def ours():
+        with MixedBatch(base.model, [p.diffs for p in patches], row_slots).installed():
+            return forward_with_heads(base, heads, kinds, row_slots, encoded)
+
+    runs = {"bare": lambda: base.model(**encoded).logits, "diffprune": ours,
+            "peft_lora": lambda: peft(**encoded, adapter_names=names).logits}
+    times = {k: [] for k in runs}
+    with torch.no_grad():
+        for _ in range(2):
+            for fn in runs.values():
+                fn()
+        for _ in range(repeats):
+            for k, fn in runs.items():  # alternated, so load on the machine hits all alike
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    ms = {k: median_ms(v) for k, v in times.items()}
+    return {"tasks": tasks, "rows": rows, "tokens": 64, "nnz_per_task": patches[0].nnz,
+            **{f"{k}_ms": v for k, v in ms.items()},
+            "diffprune_vs_bare": round(ms["bare"] / ms["diffprune"], 4),
+            "peft_lora_vs_bare": round(ms["bare"] / ms["peft_lora"], 4), "goal_vs_bare": 0.95}
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory(base, tasks: int, density: float) -> dict:
+    from diffprune.serving import Engine, Request, TaskBank
+    from diffprune.serving.synthetic import random_patch
+
+    with tempfile.TemporaryDirectory() as folder:
+        for t in range(tasks):
+            random_patch(base, density, 2, seed=100 + t).save(Path(folder) / f"t{t}.safetensors")
+        file_bytes = sum(f.stat().st_size for f in Path(folder).iterdir()) / tasks
+        bank = TaskBank(base, folder, memory_bytes=2**40)
+        before = rss_bytes()
+        for name in bank.names():
+            bank.get(name)
+        rss_per_task = (rss_bytes() - before) / tasks
+        mixed_bytes = bank.loaded_bytes() / tasks
+        engine = Engine(bank)
+        for name in bank.names():  # switching prepares its positions, originals and sums
+            engine.run([Request(name, ["a text"])])
+        switched_bytes = bank.loaded_bytes() / tasks
+    return {"tasks": tasks, "file_bytes": round(file_bytes), "bank_bytes_mixed": round(mixed_bytes),
+            "bank_bytes_switched": round(switched_bytes), "rss_bytes_per_task": round(rss_per_task),
+            "mixed_vs_file": round(mixed_bytes / file_bytes, 3),
+            "switched_vs_file": round(switched_bytes / file_bytes, 3), "goal_vs_file": 1.2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=MEASURES, default=list(MEASURES))
+    parser.add_argument("--density", type=float, default=0.005)
+    parser.add_argument("--repeats", type=int, default=20, help="Timed calls per measure (apply_revert: x10).")
+    parser.add_argument("--mixed-shapes", nargs="+", default=["16x16", "64x64"], help="TASKSxROWS batches.")
+    parser.add_argument("--memory-tasks", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--load-seconds", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the server's too).")
+    parser.add_argument("--force", action="store_true", help="Measure again what is recorded.")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    if not args.table_only:
+        run(args)
+    write_table()
+
+
+def run(args) -> None:
+    from diffprune.base import load_base
+
+    torch.set_num_threads(args.threads)
+    base = load_base(None, 2)
+    base.model.eval()
+    common = {"density": args.density, "threads": args.threads}
+    plan = []
+    if "apply_revert" in args.only:
+        plan.append(("apply_revert", {**common, "repeats": 10 * args.repeats},
+                     lambda: apply_revert(base, args.density, 10 * args.repeats)))
+    for shape in args.mixed_shapes if "mixed" in args.only else []:
+        tasks, rows = (int(x) for x in shape.split("x"))
+        plan.append(("mixed", {**common, "tasks": tasks, "rows": rows, "repeats": args.repeats},
+                     lambda tasks=tasks, rows=rows: mixed(base, tasks, rows, args.density, args.repeats)))
+    if "memory" in args.only:
+        plan.append(("memory", {**common, "tasks": args.memory_tasks},
+                     lambda: memory(base, args.memory_tasks, args.density)))
+    if "load" in args.only:
+        from load_test import load_test  # benchmarks/load_test.py
+
+        for bare in (False, True):
+            opts = {**common, "clients": args.clients, "seconds": args.load_seconds, "tasks": 16, "bare": bare}
+            plan.append(("load", opts, lambda bare=bare: load_test(base, args, bare)))
+    for measure, options, fn in plan:
+        if done_before(measure, options) and not args.force:
+            print(f"skipping {measure} {options}: recorded")
+            continue
+        load = os.getloadavg()
+        figures = fn()
+        rec = record(measure, options, figures)
+        rec["loadavg"] = [round(x, 2) for x in load]
+        rec["contended"] = load[0] > 0.5
+        append(rec)
+
+
+def write_table() -> None:
+    from serving_table import table  # benchmarks/serving_table.py
+
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+    text = README.read_text()
+    block = f"{BEGIN}\n{table(rows)}\n{END}"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Serving many tasks on one base (`serving.py`)\n\n" + block + "\n"
+    README.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

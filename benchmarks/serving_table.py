@@ -1,0 +1,61 @@
+"""The markdown table of benchmarks/serving.py's records (the latest record per measure and options)."""
+
+from __future__ import annotations
+
+import json
+
+
+def latest(rows: list[dict], measure: str) -> list[dict]:
+    found: dict[str, dict] = {}
+    for r in rows:
+        if r.get("measure") == measure:
+            found[json.dumps(r["options"], sort_keys=True)] = r
+    return list(found.values())
+
+
+def load_note(r: dict) -> str:
+    return f"{r['loadavg'][0]:.2f}" + (" (contended)" if r.get("contended") else "")
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return "No records yet: run `python benchmarks/serving.py`."
+    out = ["Random 0.5% add patches on sentence-transformers/all-MiniLM-L6-v2 (timing and memory depend on how "
+           "many entries a patch changes and where, not on their values); 2 torch threads unless said. "
+           "Load: the 1-minute load average at the start of the measure; above 0.5 other work shared the cores.",
+           ""]
+    if latest(rows, "apply_revert"):
+        out += ["Switching: apply + revert of one patch (goal ≤ 1 ms).", "",
+                "| entries | apply + revert (median) | p90 | threads | load |", "|---|---|---|---|---|"]
+        out += [f"| {r['nnz']:,} | {r['apply_revert_ms']:.3f} ms | {r['p90_ms']:.3f} ms | {r['options']['threads']} | "
+                f"{load_note(r)} |" for r in latest(rows, "apply_revert")]
+        out.append("")
+    if latest(rows, "mixed"):
+        out += ["Mixed-task batches of 64-token rows, one forward (throughput against the bare base on the same "
+                "batch; goal ≥ 0.95x). PEFT: mixed LoRA batches (r 8, query and value, `adapter_names=`).", "",
+                "| tasks x rows | bare base | diffprune mixed | PEFT LoRA mixed | diffprune / bare | PEFT / bare | "
+                "repeats | load |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['tasks']} x {r['rows']} | {r['bare_ms']:.1f} ms | {r['diffprune_ms']:.1f} ms | "
+                f"{r['peft_lora_ms']:.1f} ms | {r['diffprune_vs_bare']:.3f}x | {r['peft_lora_vs_bare']:.3f}x | "
+                f"{r['options']['repeats']} | {load_note(r)} |" for r in latest(rows, "mixed")]
+        out.append("")
+    if latest(rows, "memory"):
+        out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x). Mixed: what mixed "
+                "batches read (int64 positions, fp32 values, the head); switched: plus what switching keeps "
+                "(the original entries and base + diff).", "",
+                "| tasks | file | in the bank (mixed) | ratio | after switching | ratio | RSS per task | load |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['tasks']} | {r['file_bytes']:,} B | {r['bank_bytes_mixed']:,} B | {r['mixed_vs_file']:.2f}x | "
+                f"{r['bank_bytes_switched']:,} B | {r['switched_vs_file']:.2f}x | {r['rss_bytes_per_task']:,} B | "
+                f"{load_note(r)} |" for r in latest(rows, "memory")]
+        out.append("")
+    if latest(rows, "load"):
+        out += ["HTTP load on 127.0.0.1 (`diffprune serve`, one text per request over 16 tasks; clients and "
+                "server share the machine).", "",
+                "| server | clients | seconds | requests | errors | throughput | p50 | p99 | exit | load |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {'bare base (head-only patches)' if r['bare'] else '16 patches'} | {r['options']['clients']} | "
+                f"{r['seconds']} | {r['requests']:,} | {r['errors']} | {r['throughput_rps']:.1f} req/s | "
+                f"{r['p50_ms']} ms | {r['p99_ms']} ms | {r['server_exit']} | {load_note(r)} |"
+                for r in latest(rows, "load")]
+    return "\n".join(out).rstrip()
