@@ -124,17 +124,20 @@ def row_blocks(indptr: np.ndarray, parts: int) -> np.ndarray:
     return np.unique(np.concatenate([[0], cuts, [n_rows]])).astype(np.int64)
 
 
+_MAX_THREADS: list[int] = []
+
+
 def max_threads() -> int:
     """The most threads numba was started with (NUMBA_NUM_THREADS, by default the CPU count)."""
-    return int(numba().config.NUMBA_NUM_THREADS)
+    if not _MAX_THREADS:
+        _MAX_THREADS.append(int(numba().config.NUMBA_NUM_THREADS))
+    return _MAX_THREADS[0]
 
 
 def kernel_threads() -> int:
-    """The threads the kernel runs on: torch's count, capped at numba's pool."""
-    threads = torch.get_num_threads()
-    if threads < 1:  # pragma: no cover - torch refuses it itself
-        raise DiffpruneError(f"torch reports {threads} threads; set at least 1 with torch.set_num_threads")
-    return min(threads, max_threads())
+    """The threads the kernel runs on: torch's count (torch refuses fewer than 1), capped at
+    numba's pool."""
+    return min(torch.get_num_threads(), max_threads())
 
 
 def sparse_matmul_t(blocks: np.ndarray, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,

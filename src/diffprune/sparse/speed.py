@@ -140,3 +140,12 @@ def compare_speed(base: BaseModel, batch_size: int = 1, length: int = 128, threa
 def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out[0]
+
+
+def load_sparse(source: str | os.PathLike, model: str | None = None, batch_size: int = 1,
+                length: int = 128) -> tuple[BaseModel, SparsifyReport]:
+    """`load_for_inference` then `sparsify`: the task model of a run, a patch or a model folder
+    with its pruned Linear layers sparse where that is measured faster at batch_size x length."""
+    base = load_for_inference(source, model)
+    base.model.eval()
+    return base, sparsify(base.model, batch_size=batch_size, length=length)
