@@ -7,8 +7,9 @@ many entries a patch changes and where, not on what was learned: diffprune.servi
 * mixed: one forward of a batch of R rows over T tasks (--mixed-shapes, 64 tokens a row) with
   every row's own delta and head, against the bare base on the same batch and PEFT's mixed LoRA
   batches (r 8 on query and value, `adapter_names=`), alternated call by call, medians;
-* memory: what a loaded task holds in the bank against its patch file (fp16 values), and the
-  process's resident memory per task loaded;
+* memory: the bytes a loaded task's tensors hold in the bank against its patch file (fp16
+  values), counted tensor by tensor (a resident-memory delta would hide in memory the allocator
+  kept from building the patches);
 * load: `diffprune serve` on 127.0.0.1 in its own process, --clients concurrent clients for
   --load-seconds, each request one text for one of 16 tasks; errors, throughput, p50 / p99
   latency; the same load on a server of the bare base (16 head-only patches).
@@ -144,10 +145,6 @@ def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
             "peft_lora_vs_bare": round(ms["bare"] / ms["peft_lora"], 4), "goal_vs_bare": 0.95}
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory(base, tasks: int, density: float) -> dict:
     from diffprune.serving import Engine, Request, TaskBank
     from diffprune.serving.synthetic import random_patch
@@ -157,17 +154,15 @@ def memory(base, tasks: int, density: float) -> dict:
             random_patch(base, density, 2, seed=100 + t).save(Path(folder) / f"t{t}.safetensors")
         file_bytes = sum(f.stat().st_size for f in Path(folder).iterdir()) / tasks
         bank = TaskBank(base, folder, memory_bytes=2**40)
-        before = rss_bytes()
         for name in bank.names():
             bank.get(name)
-        rss_per_task = (rss_bytes() - before) / tasks
         mixed_bytes = bank.loaded_bytes() / tasks
         engine = Engine(bank)
         for name in bank.names():  # switching prepares its positions, originals and sums
             engine.run([Request(name, ["a text"])])
         switched_bytes = bank.loaded_bytes() / tasks
     return {"tasks": tasks, "file_bytes": round(file_bytes), "bank_bytes_mixed": round(mixed_bytes),
-            "bank_bytes_switched": round(switched_bytes), "rss_bytes_per_task": round(rss_per_task),
+            "bank_bytes_switched": round(switched_bytes),
             "mixed_vs_file": round(mixed_bytes / file_bytes, 3),
             "switched_vs_file": round(switched_bytes / file_bytes, 3), "goal_vs_file": 1.2}
 

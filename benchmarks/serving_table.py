@@ -43,11 +43,10 @@ def table(rows: list[dict]) -> str:
         out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x). Mixed: what mixed "
                 "batches read (int64 positions, fp32 values, the head); switched: plus what switching keeps "
                 "(the original entries and base + diff).", "",
-                "| tasks | file | in the bank (mixed) | ratio | after switching | ratio | RSS per task | load |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| tasks | file | in the bank (mixed) | ratio | after switching | ratio | load |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {r['tasks']} | {r['file_bytes']:,} B | {r['bank_bytes_mixed']:,} B | {r['mixed_vs_file']:.2f}x | "
-                f"{r['bank_bytes_switched']:,} B | {r['switched_vs_file']:.2f}x | {r['rss_bytes_per_task']:,} B | "
-                f"{load_note(r)} |" for r in latest(rows, "memory")]
+                f"{r['bank_bytes_switched']:,} B | {r['switched_vs_file']:.2f}x | {load_note(r)} |" for r in latest(rows, "memory")]
         out.append("")
     if latest(rows, "load"):
         out += ["HTTP load on 127.0.0.1 (`diffprune serve`, one text per request over 16 tasks; clients and "
