@@ -244,7 +244,8 @@ def test_the_kernel_and_the_block_sparse_product_agree(folder, base):
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
-def test_serve_binds_localhost_and_shuts_down_cleanly(folder, model_dir, tmp_path):
+def test_serve_binds_localhost_takes_its_key_from_the_environment_and_shuts_down_cleanly(folder, model_dir):
+    import os
     import signal
     import socket
     import subprocess
@@ -258,19 +259,22 @@ def test_serve_binds_localhost_and_shuts_down_cleanly(folder, model_dir, tmp_pat
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "diffprune", "serve", "--patches", str(folder), "--base",
                                str(model_dir), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, env={**os.environ, "DIFFPRUNE_API_KEY": "k3y"})
+    key = {"X-API-Key": "k3y"}
     try:
         deadline, up = time.monotonic() + 120, False
         while time.monotonic() < deadline and not up and server.poll() is None:
             try:
-                up = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+                up = httpx.get(f"http://127.0.0.1:{port}/health", headers=key, timeout=2).status_code == 200
             except httpx.HTTPError:
                 time.sleep(0.3)
         assert up, server.stderr.read() if server.poll() is not None else "not up"
-        got = httpx.post(f"http://127.0.0.1:{port}/tasks/t2/predict", json={"inputs": [["a", "b"]]}, timeout=30)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 401
+        got = httpx.post(f"http://127.0.0.1:{port}/tasks/t2/predict", json={"inputs": [["a", "b"]]}, headers=key,
+                         timeout=30)
         assert "value" in got.json()["predictions"][0]
     finally:
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
-    assert f"at http://127.0.0.1:{port}" in out
+    assert f"at http://127.0.0.1:{port} (API key required)" in out
