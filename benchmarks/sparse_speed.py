@@ -170,10 +170,15 @@ def _logits(model: nn.Module):
 
 
 def time_engines(engines: dict, inputs: tuple, threads: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Each engine's call times (ms), round after round; each round starts one engine later,
+    so that no engine always follows the same other one (an engine can leave caches cold or
+    threads busy for the next)."""
     times: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
     with torch.no_grad():
         for i in range(warmup + repeats):
-            for name, (run, _) in engines.items():
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                run = engines[name][0]
                 start = time.perf_counter()
                 run(*inputs, threads)
                 if i >= warmup:
@@ -205,6 +210,7 @@ def measure(name: str, sparsity: float, model: nn.Module, args, folder: Path) ->
                     "batch_size": batch, "length": length, "threads": threads, "repeats": args.repeats,
                     "warmup": args.warmup, "load_avg_start": load, "load_avg_end": os.getloadavg(),
                     "ms": {e: statistics.median(t) for e, t in times.items()},
+                    "ms_min": {e: min(t) for e, t in times.items()},
                     "max_abs_diff": diffs,
                     "weight_bytes": {e: b for e, (_, b) in engines.items()},
                     "dense_fp32_weight_bytes": linear_weight_bytes(model)["dense_fp32"],

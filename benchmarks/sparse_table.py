@@ -56,9 +56,64 @@ def render(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_sparse_table(results: Path, readme: Path) -> None:
+INTRO = """
+## Sparse inference on the CPU (`sparse_speed.py`)
+
+diffprune's sparse model (`diffprune.sparse.sparsify`: each pruned Linear as compressed rows run
+by a numba kernel, where that is measured faster than dense) against dense torch eager, torch
+with `torch.compile`, torch's own CSR weights (`torch.sparse.mm` on the transposed input) and
+ONNX Runtime (dense, its threads not spinning so that they leave the cores to the engine timed
+next). All in one process, alternating call by call, on the same tokens. The packaged MiniLM is
+pruned per matrix by magnitude (speed does not depend on which weights survive, only on how
+many per row); the BERT-base-shaped model is built from a config. Rerun with
+`python benchmarks/sparse_speed.py` (see its --help for the grid).
+"""
+
+GOALS = ((0.95, 3.5), (0.8, 1.8), (0.5, 1.0))
+
+
+def render_goals(records: list[dict]) -> str:
+    """The issue's goal rows: packaged model, batch 1 x 128 tokens, 2 threads (and 1 thread)."""
+    rows = {(r["sparsity"], r["threads"]): r for r in _latest(records)
+            if r["model"].startswith("all-MiniLM") and (r["batch_size"], r["length"]) == (1, 128)}
+    lines = ["Goals (packaged model, batch 1 x 128 tokens): speedup of diffprune's sparse model against torch "
+             "eager (and against torch.compile); the weights' bytes against dense fp32 at 95% (goal ≤ 0.15x).", "",
+             "| sparsity | goal | threads | vs eager | vs torch.compile | met | load |", "|---|---|---|---|---|---|---|"]
+    for sparsity, goal in GOALS:
+        for threads in (2, 1):
+            r = rows.get((sparsity, threads))
+            if r is None or "diffprune" not in r["ms"]:
+                continue
+            ms = r["ms"]
+            speedup = ms["eager"] / ms["diffprune"]
+            vs_compile = f"{ms['compile'] / ms['diffprune']:.2f}x" if "compile" in ms else ""
+            lines.append(f"| {sparsity:.0%} | ≥ {goal}x | {threads} | {speedup:.2f}x | {vs_compile} | "
+                         f"{'yes' if speedup >= goal else 'no'} | {r['load_avg_start'][0]:.2f} |")
+    r95 = rows.get((0.95, 2)) or rows.get((0.95, 1))
+    if r95 and "diffprune" in r95["weight_bytes"]:
+        ratio = r95["weight_bytes"]["diffprune"] / r95["dense_fp32_weight_bytes"]
+        lines += ["", f"Weights at 95%: {ratio:.3f}x their dense fp32 bytes (goal ≤ 0.15x)."]
+    return "\n".join(lines) + "\n\n"
+
+
+def section(records: list[dict]) -> str:
+    return render_goals(records) + render(records)
+
+
+def with_section(text: str, records: list[dict]) -> str:
+    """`text` (a benchmarks README) with the generated sparse-speed section, its heading and
+    introduction added at the end the first time."""
     from table import _replace
 
-    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    if "<!-- sparse-speed-table:begin -->" not in text:
+        text = text.rstrip("\n") + "\n" + INTRO
+    return _replace(text, "sparse-speed-table", section(records))
+
+
+def read_records(results: Path) -> list[dict]:
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+
+
+def write_sparse_table(results: Path, readme: Path) -> None:
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    write_text(readme, _replace(text, "sparse-speed-table", render(records)))
+    write_text(readme, with_section(text, read_records(results)))
