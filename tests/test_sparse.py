@@ -92,6 +92,21 @@ def test_repeated_input_changed_in_place_is_transposed_again():
         assert (sparse(y) - linear(y)).abs().max() <= TOL
 
 
+def test_a_copy_and_a_load_change_what_the_kernel_reads():
+    import copy
+
+    linear = _pruned_linear(8, 16, 0.5)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        sparse(x)  # its views of the buffers are made
+        twin = copy.deepcopy(sparse)
+        state = {k: v * 2 if k in ("values", "bias") else v for k, v in sparse.state_dict().items()}
+        twin.load_state_dict(state)  # written in place into the copy's buffers
+        assert (twin(x) - 2 * linear(x)).abs().max() <= TOL
+        assert (sparse(x) - linear(x)).abs().max() <= TOL
+
+
 def test_bad_inputs_are_refused():
     linear = _pruned_linear(8, 16, 0.5)
     sparse = SparseLinear.from_linear(linear)

@@ -108,10 +108,12 @@ class SparseLinear(nn.Module):
     def _arrays(self) -> tuple[np.ndarray, ...]:
         """numpy views of the buffers, made again only when a buffer was replaced (a load or
         `.to()`): making them costs microseconds per call, which add up over a model's layers."""
-        tensors = (self.indptr, self.indices, self.values, self.bias)
-        if self._views is None or any(a is not b for a, b in zip(self._views[0], tensors)):
+        # Keyed by where the buffers' memory is, not by the tensor objects: a deep copy of the
+        # module copies the views too, as arrays of their own that the copy's buffers are not.
+        where = tuple(t.data_ptr() if t is not None else 0 for t in (self.indptr, self.indices, self.values, self.bias))
+        if self._views is None or self._views[0] != where:
             bias = self.bias.detach().numpy() if self.bias is not None else self._zero_bias
-            self._views = (tensors, (self.indptr.numpy(), self.indices.numpy(), self.values.numpy(), bias))
+            self._views = (where, (self.indptr.numpy(), self.indices.numpy(), self.values.numpy(), bias))
         return self._views[1]
 
     def _row_blocks(self, threads: int) -> np.ndarray:
