@@ -12,7 +12,7 @@ from conftest import GLUE_FIXTURES, LogitSpy, train_in_process
 from diffprune import api
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
-from diffprune.heads import LayerMixClassifier
+from diffprune.heads import LayerMixClassifier, start_from_labels
 from diffprune.methods import METHODS
 from diffprune.methods.artifact import PATCH_FILE
 from diffprune.patch import TaskPatch, export_model
@@ -101,3 +101,17 @@ def test_a_mixed_head_is_refused_where_the_result_is_no_patch(tmp_path, tiny_mod
     assert not (tmp_path / "distil").exists()
     with pytest.raises(DiffpruneError, match="--head must be one of model, cls-mix, mean-mix"):
         TrainSettings(head="pooler")
+
+
+def test_a_mixed_head_starts_at_the_labels(tiny_model):
+    """Regression: the output starts at the training mean; classes: at their log frequencies."""
+    regression = load_base(tiny_model, 1, regression=True, head="mean-mix")
+    start_from_labels(regression.model, [1.0, 2.0, 4.5], regression=True)
+    assert regression.model.classifier.out_proj.bias.tolist() == pytest.approx([2.5])
+    classes = load_base(tiny_model, 3, head="cls-mix")
+    start_from_labels(classes.model, [0, 0, 0, 1], regression=False)  # class 2 unseen: counted once
+    torch.testing.assert_close(classes.model.classifier.out_proj.bias, torch.tensor([3 / 5, 1 / 5, 1 / 5]).log())
+    own = load_base(tiny_model, 1, regression=True)
+    before = own.model.classifier.bias.clone()
+    start_from_labels(own.model, [1.0, 2.0], regression=True)  # the model's own head is left as it was
+    assert torch.equal(own.model.classifier.bias, before)

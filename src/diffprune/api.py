@@ -34,7 +34,7 @@ from diffprune.glue import (
     submission_path,
     write_submission,
 )
-from diffprune.heads import MODEL_HEAD
+from diffprune.heads import MODEL_HEAD, start_from_labels
 from diffprune.io import write_json
 from diffprune.methods import build_method
 from diffprune.methods.artifact import PATCH_FILE
@@ -121,6 +121,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
     base = load_base(settings.model, spec.num_labels, labels=spec.labels, regression=spec.is_regression,
                      head=settings.head)
     data = load_task_data(spec, base, settings)
+    start_from_labels(base.model, [e.label for e in data.train.examples], spec.is_regression)
     model = method.prepare(base)
     phases = method.phases(model, base, settings)
     # Claimed only now, so that a bad model, data path or method setting leaves the folder as it was.

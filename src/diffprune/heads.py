@@ -114,6 +114,24 @@ class LayerMixClassifier(nn.Module):
                              "(eval, predict and serving apply patches of every head)")
 
 
+def start_from_labels(model: nn.Module, labels: list[float | int], regression: bool) -> None:
+    """Start a mixed head's output at the training labels: their mean for regression, their log
+    frequencies for classes. Its encoder is often frozen and its layers start near zero, so an
+    output that had to climb from 0 to STS-B's mean of 2.7 spent much of a short run on that
+    (a linear head on the frozen pooled [CLS] ended below the mean's score). The model's own
+    head keeps transformers' initialisation, as every recorded run of it had."""
+    if not isinstance(model, LayerMixClassifier) or not labels:
+        return
+    y = torch.tensor(labels, dtype=torch.float64)
+    bias = model.classifier.out_proj.bias
+    with torch.no_grad():
+        if regression:
+            bias.fill_(float(y.mean()))
+        else:
+            counts = torch.bincount(y.long(), minlength=bias.numel()).clamp_min(1).double()
+            bias.copy_((counts / counts.sum()).log())
+
+
 def with_head(classifier: nn.Module, head: str) -> nn.Module:
     """`classifier` (an HF sequence classifier) with the chosen head; the encoder is shared, not copied."""
     if check_head(head) == MODEL_HEAD:
