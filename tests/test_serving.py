@@ -12,7 +12,7 @@ from conftest import tiny_bert
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
 from diffprune.patch import TaskPatch
-from diffprune.patch.apply import apply_patch
+from diffprune.patch.apply import WHOLE_NUMEL, apply_patch
 from diffprune.serving import Engine, Request, TaskBank, UnknownTask
 from diffprune.serving.synthetic import random_patch
 
@@ -144,7 +144,9 @@ def test_switching_keeps_what_it_prepared_in_the_bound(folder, base):
     task = bank.get("t0")
     before = bank.task_bytes(task)
     Engine(bank).run([Request("t0", TEXTS)])
-    assert bank.task_bytes(task) == before + 2 * 4 * task.patch.nnz  # originals and base + diff, fp32
+    # large tensors: the original entries and base + diff; small ones: the whole patched tensor
+    kept = sum(4 * d.numel if d.numel <= WHOLE_NUMEL else 8 * d.nnz for d in task.patch.diffs.values())
+    assert bank.task_bytes(task) == before + kept
 
 
 def test_patches_are_added_and_removed_while_serving(folder, base, tmp_path_factory):
@@ -278,3 +280,21 @@ def test_serve_binds_localhost_takes_its_key_from_the_environment_and_shuts_down
         out, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
     assert f"at http://127.0.0.1:{port} (API key required)" in out
+
+
+def test_a_base_changed_in_place_gets_fresh_copies_of_its_small_tensors(model_dir):
+    """Copies of small base tensors are shared between patches of one base only: after the
+    model's weights change (a new base), a patch for the new base reverts to the new bits."""
+    own = load_base(str(model_dir), 2)
+    first = random_patch(own, 0.05, 2, seed=1)
+    apply_patch(first, own, head=False).revert()
+    bias = own.model.bert.encoder.layer[0].output.dense.bias
+    with torch.no_grad():
+        bias.add_(1.0)  # now another base
+    from diffprune.base import fingerprint
+
+    second = random_patch(own, 0.05, 2, seed=2)
+    second.meta["fingerprint"] = fingerprint(own.base_parameters())
+    changed = bias.detach().clone()
+    apply_patch(second, own, head=False).revert()
+    assert torch.equal(bias, changed)

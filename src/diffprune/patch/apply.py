@@ -22,7 +22,8 @@ Serving switches tasks on every batch, so what an apply needs beyond the check i
 and patch (`_Prepared`): positions and values on the parameters' device and dtype, and the base
 entries at the positions, read once. Those entries are the base's because every apply checks the
 fingerprint first, and they are only reused for the very parameter objects, at the same memory,
-that they were read from. An apply is then one indexed write per tensor, a revert another.
+that they were read from. An apply is then one indexed write per tensor, a revert another; small tensors (biases, norms)
+are copied whole from a patched copy, all in one call (a call per tensor costs more than the copy).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class _Entry:
     positions: torch.Tensor  # on the parameter's device
     values: torch.Tensor  # what an apply writes at the positions: base + diff for "add", the values for "sparse"
     originals: torch.Tensor | None  # the base entries at the positions (None for "sparse")
+    whole: bool = False  # a small tensor: values and originals are the whole tensor, patched and base
 
     def holds_for(self, param: nn.Parameter | None, diff: SparseDiff) -> bool:
         return param is self.param and param.data_ptr() == self.data_ptr and diff is self.diff
@@ -95,8 +97,8 @@ class _Prepared(dict):
     def nbytes(self) -> int:
         """The memory the entries add beyond the patch (originals, device copies)."""
         extra = 0
-        for e in self.values():
-            extra += e.originals.nbytes if e.originals is not None else 0
+        for e in self.values():  # a small tensor's base copy is shared by every patch: not counted
+            extra += e.originals.nbytes if e.originals is not None and not e.whole else 0
             extra += 0 if e.positions is e.diff.positions else e.positions.nbytes
             extra += 0 if e.values is e.diff.values else e.values.nbytes
         return extra
@@ -111,6 +113,16 @@ class _ModelState:
         self.fingerprints: dict[tuple[str, ...], _Fingerprint] = {}
         self.applied: _Written | None = None
         self.prepared: dict[int, tuple[weakref.ref, _Prepared]] = {}
+        self.base_copies: dict[str, tuple[nn.Parameter, int, str, torch.Tensor]] = {}
+
+    def base_copy(self, name: str, p: nn.Parameter, base: str) -> torch.Tensor:
+        """A copy of a small tensor of the base with fingerprint `base`, shared by every patch
+        prepared on this model for that base. Taken right after a fingerprint check, kept for
+        this very parameter at this very memory."""
+        found = self.base_copies.get(name)
+        if found is None or found[0] is not p or found[1] != p.data_ptr() or found[2] != base:
+            found = self.base_copies[name] = (p, p.data_ptr(), base, p.detach().reshape(-1).clone())
+        return found[3]
 
     def prepared_for(self, patch: TaskPatch) -> _Prepared:
         key = id(patch)
@@ -163,6 +175,7 @@ class AppliedPatch:
         # (flat view, positions or None for the whole tensor, the original entries)
         self._undo: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._head: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._whole: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # small tensors: (flat, base copy)
         self._touched_base: dict[str, nn.Parameter] = {}
         self._written = _Written()
         self._state, self._fingerprint = state, fingerprint
@@ -174,6 +187,8 @@ class AppliedPatch:
 
     def _restore(self) -> None:
         with torch.no_grad():
+            if self._whole[0]:
+                torch._foreach_copy_(*self._whole)
             for flat, pos, original in reversed(self._undo):
                 if pos is None:
                     flat.copy_(original)
@@ -320,11 +335,18 @@ def _refuse_misfit(patch: TaskPatch, problems: list[str]) -> None:
 
 def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPatch, prepared: _Prepared,
            head: bool) -> None:
+    state = applied._state or _ModelState()
+    whole_flats, whole_values = applied._whole[0], []
     with torch.no_grad():
         try:
             for name, d in patch.diffs.items():
-                e = prepared.get(name) or prepared.setdefault(name, _prepare(params[name], d))
-                if d.kind == SPARSE:
+                e = prepared.get(name) or prepared.setdefault(name, _prepare(params[name], d, state, name, patch.meta["fingerprint"]))
+                applied._touched_base[name] = e.param
+                if e.whole:
+                    whole_flats.append(e.flat)
+                    whole_values.append(e.values)
+                    applied._whole[1].append(e.originals)
+                elif d.kind == SPARSE:
                     applied._undo.append((e.flat, None, e.flat.clone()))
                     e.flat.zero_()
                     e.flat.scatter_(0, e.positions, e.values)
@@ -335,7 +357,8 @@ def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPa
                         e.flat.scatter_(0, e.positions, e.values)  # base + diff, summed when prepared
                     else:
                         e.flat.index_fill_(0, e.positions, 0)
-                applied._touched_base[name] = e.param
+            if whole_flats:  # every small tensor in one call: a call per tensor costs more than its copy
+                torch._foreach_copy_(whole_flats, whole_values)
             for name, t in (patch.head.items() if head else ()):
                 p = params[name]
                 applied._head.append((p, p.detach().clone()))
@@ -347,11 +370,24 @@ def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPa
     applied._seal()
 
 
-def _prepare(p: nn.Parameter, d: SparseDiff) -> _Entry:
-    """Called right after the fingerprint check, so the entries read here are the base's."""
+# Tensors up to this size are written whole from a patched copy, all in one call.
+WHOLE_NUMEL = 16384
+
+
+def _prepare(p: nn.Parameter, d: SparseDiff, state: _ModelState, name: str, base: str) -> _Entry:
+    """Called right after the fingerprint check (the model's base is `base`), so the entries
+    read here are the base's."""
     flat = p.detach().view(-1)
     pos = d.positions.to(p.device)
     values = d.values.to(p.device, p.dtype)
+    if d.kind != SPARSE and flat.numel() <= WHOLE_NUMEL:
+        original = state.base_copy(name, p, base)
+        patched = original.clone()
+        if d.kind == ADD:
+            patched.scatter_(0, pos, original.index_select(0, pos) + values)
+        else:
+            patched.index_fill_(0, pos, 0)
+        return _Entry(p, p.data_ptr(), d, flat, pos, patched, original, whole=True)
     originals = None if d.kind == SPARSE else flat.index_select(0, pos)
     if d.kind == ADD:
         values = originals + values  # the very sum index_add_ would write, rounded the same way
