@@ -2,10 +2,17 @@
 
 Only modules are swapped (the transformers code runs as it is). A layer becomes sparse only
 where that is measured to pay: its dense and sparse forms are timed on this machine, at the
-batch and length given and on torch's threads, alternating, and the faster one is kept. So a
-converted model is never made slower by its conversion (to the timing's noise), and a layer
-whose sparsity is too low for the kernel stays an exact, untouched nn.Linear (so does one
-where sparse wins by less than 5%: a near tie is not worth the rounding differences).
+batch and length given, alternating, and the faster one is kept. So a converted model is not
+made slower by its conversion, and a layer whose sparsity is too low for the kernel stays an
+exact, untouched nn.Linear (so does one where sparse wins by less than 5%: a near tie is not
+worth the rounding differences).
+
+The timing runs on one thread, whatever torch's setting: both forms split their work over
+threads alike (rows of the output), so the choice is the same, and one thread is the measure
+that other work on the machine disturbs least. On two threads of two cores shared with other
+jobs, torch's OpenMP threads spin-wait against them, its dense layers take several times their
+time, and a timing there chose the sparse form of 19 of the 36 layers of a 50%-pruned MiniLM,
+which then ran at 0.69x the dense model's speed (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class SparsifyReport:
         if not pruned:
             return "no pruned Linear layer: the model runs dense"
         return (f"{len(self.sparse_layers)} of {len(pruned)} pruned Linear layers run sparse "
-                f"(timed at {self.tokens} tokens on {self.threads} threads; the rest stay dense, faster there)")
+                f"(timed at {self.tokens} tokens on {self.threads} thread; the rest stay dense, faster there)")
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "threads": self.threads, "layers": [asdict(layer) for layer in self.layers]}
@@ -75,10 +82,15 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, length: int = 128, choose
     for name, m in linears:
         if not torch.isfinite(m.weight).all() or (m.bias is not None and not torch.isfinite(m.bias).all()):
             raise DiffpruneError(f"the Linear layer {name} holds NaN or infinite values; nothing was converted")
-    report = SparsifyReport(tokens=batch_size * length, threads=torch.get_num_threads())
-    with torch.no_grad():
-        for name, linear in linears:
-            report.layers.append(_convert(model, name, linear, report.tokens, choose, repeats))
+    report = SparsifyReport(tokens=batch_size * length, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for name, linear in linears:
+                report.layers.append(_convert(model, name, linear, report.tokens, choose, repeats))
+    finally:
+        torch.set_num_threads(threads)
     if not any(layer.density < 1 for layer in report.layers):
         warnings.warn(DiffpruneWarning("the model has no pruned Linear layer (no weight holds a zero); "
                                        "it runs dense, unchanged"), stacklevel=2)
