@@ -260,3 +260,21 @@ def test_eval_sparse_gives_the_dense_scores(tiny, tmp_path):
         assert result.exit_code == 0, result.output
         scores.append(json.loads(result.stdout))
     assert scores[0] == scores[1]
+
+
+def test_a_pruning_run_scores_the_same_sparse_and_times_from_run_and_patch(tiny_model, tmp_path):
+    """A run of a diffprune method (gradual magnitude pruning at 90%: a learned pattern, rows
+    of uneven counts) through the run folder and through its patch file."""
+    from conftest import train_in_process
+    from diffprune import api
+    from diffprune.sparse import load_sparse
+
+    train_in_process(tmp_path, tiny_model, "magnitude", {"sparsity": 0.9, "pruning_events": 2})
+    dense = api.evaluate_run(tmp_path, str(GLUE_FIXTURES))
+    assert api.evaluate_run(tmp_path, str(GLUE_FIXTURES), sparse=True) == dense
+    for source in (tmp_path, tmp_path / "patch.safetensors"):
+        result = _invoke("speed", str(source), "--length", "8", "--repeats", "3", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["max_abs_diff"] <= TOL
+    base, report = load_sparse(tmp_path / "patch.safetensors", length=8)
+    assert sum(layer.density < 1 for layer in report.layers) == 12
