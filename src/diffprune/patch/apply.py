@@ -4,7 +4,7 @@
 is computed on the model's own weights, so another base, or a base that already carries a patch
 (its weights are no longer the base's), is refused.
 
-Hashing MiniLM's 22.7M base weights takes ~120 ms, against ~1.5 ms for an apply and revert, so
+Hashing MiniLM's 22.7M base weights takes ~120 ms, against ~1 ms for an apply and revert, so
 the fingerprint is cached per model (beside it, in a WeakKeyDictionary: nothing is added to the
 model, and the entry dies with it), keyed by each base parameter's identity, storage, dtype,
 shape and version counter. torch bumps a tensor's version counter on every in-place change it
@@ -22,8 +22,9 @@ Serving switches tasks on every batch, so what an apply needs beyond the check i
 and patch (`_Prepared`): positions and values on the parameters' device and dtype, and the base
 entries at the positions, read once. Those entries are the base's because every apply checks the
 fingerprint first, and they are only reused for the very parameter objects, at the same memory,
-that they were read from. An apply is then one indexed write per tensor, a revert another; small tensors (biases, norms)
-are copied whole from a patched copy, all in one call (a call per tensor costs more than the copy).
+that they were read from. An apply is then one indexed write per tensor, a revert another;
+small tensors (biases, norms) are copied whole from a patched copy, all in one call (a call per
+tensor costs more than the copy).
 """
 
 from __future__ import annotations

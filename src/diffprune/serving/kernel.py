@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import threading
 
-import numpy as np
 import torch
 
 _KERNEL = None
@@ -78,5 +77,3 @@ def add_row_deltas(x: torch.Tensor, y: torch.Tensor, out_index: torch.Tensor, in
         kernel(x.numpy(), y.numpy(), out_index.numpy(), in_index.numpy(), values.numpy(), start.numpy(),
                end.numpy())
 
-
-__all__ = ["add_row_deltas", "available", "np"]
