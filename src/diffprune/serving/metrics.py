@@ -49,7 +49,12 @@ class Metrics:
 
 
 def _route(path: str) -> str:
+    """The route a path took, from a fixed set (a label per raw path would grow without bound)."""
     parts = path.strip("/").split("/")
-    if parts[0] == "tasks" and len(parts) >= 2 and parts[1] != "rescan":
-        return "/tasks/{name}" + ("/" + "/".join(parts[2:]) if len(parts) > 2 else "")
-    return "/" + "/".join(parts[:1]) if parts[0] in ("health", "tasks", "metrics", "openapi.json", "docs") else "other"
+    if parts[0] == "tasks" and len(parts) == 2:
+        return "/tasks/rescan" if parts[1] == "rescan" else "/tasks/{name}"
+    if parts[0] == "tasks" and len(parts) == 3 and parts[2] == "predict":
+        return "/tasks/{name}/predict"
+    if len(parts) == 1 and parts[0] in ("health", "tasks", "metrics", "openapi.json", "docs"):
+        return "/" + parts[0]
+    return "other"
