@@ -110,20 +110,31 @@ def lora_model(tasks: int):
     return model.eval()
 
 
+def served_tasks(base, folder: Path, tasks: int, density: float, seed: int = 0) -> list:
+    """`tasks` random patches saved (fp16 values) and loaded by a TaskBank, as a server holds them."""
+    from diffprune.serving import TaskBank
+    from diffprune.serving.synthetic import random_patch
+
+    for t in range(tasks):
+        random_patch(base, density, 2 + t % 2, seed=seed + t).save(folder / f"t{t:03d}.safetensors")
+    bank = TaskBank(base, folder, memory_bytes=2**40)
+    return [bank.get(name) for name in bank.names()]
+
+
 def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
     from diffprune.serving.heads import forward_with_heads
     from diffprune.serving.mixed import MixedBatch
-    from diffprune.serving.synthetic import random_patch
 
-    patches = [random_patch(base, density, 2 + t % 2, seed=t) for t in range(tasks)]
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = served_tasks(base, Path(folder), tasks, density)
     encoded = batch_of(base, rows)
     row_slots = torch.arange(rows) % tasks
-    heads, kinds = [p.head for p in patches], ["model"] * tasks
+    heads, kinds = [t.head for t in loaded], [t.head_kind for t in loaded]
     peft = lora_model(tasks)
     names = [f"t{int(s)}" for s in row_slots]
 
     def ours():
-        with MixedBatch(base.model, [p.diffs for p in patches], row_slots).installed():
+        with MixedBatch(base.model, [t.diffs for t in loaded], row_slots).installed():
             return forward_with_heads(base, heads, kinds, row_slots, encoded)
 
     runs = {"bare": lambda: base.model(**encoded).logits, "diffprune": ours,
@@ -139,7 +150,7 @@ def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
                 fn()
                 times[k].append(time.perf_counter() - start)
     ms = {k: median_ms(v) for k, v in times.items()}
-    return {"tasks": tasks, "rows": rows, "tokens": 64, "nnz_per_task": patches[0].nnz,
+    return {"tasks": tasks, "rows": rows, "tokens": 64, "nnz_per_task": sum(d.nnz for d in loaded[0].diffs.values()),
             **{f"{k}_ms": v for k, v in ms.items()},
             "diffprune_vs_bare": round(ms["bare"] / ms["diffprune"], 4),
             "peft_lora_vs_bare": round(ms["bare"] / ms["peft_lora"], 4), "goal_vs_bare": 0.95}
@@ -158,7 +169,7 @@ def memory(base, tasks: int, density: float) -> dict:
             bank.get(name)
         mixed_bytes = bank.loaded_bytes() / tasks
         engine = Engine(bank)
-        for name in bank.names():  # switching prepares its positions, originals and sums
+        for name in bank.names():  # switching builds each TaskPatch and prepares it
             engine.run([Request(name, ["a text"])])
         switched_bytes = bank.loaded_bytes() / tasks
     return {"tasks": tasks, "file_bytes": round(file_bytes), "bank_bytes_mixed": round(mixed_bytes),

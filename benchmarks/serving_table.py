@@ -40,10 +40,11 @@ def table(rows: list[dict]) -> str:
                 f"{r['options']['repeats']} | {load_note(r)} |" for r in latest(rows, "mixed")]
         out.append("")
     if latest(rows, "memory"):
-        out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x). Mixed: what mixed "
-                "batches read (int64 positions, fp32 values, the head); switched: plus what switching keeps "
-                "(the original entries and base + diff).", "",
-                "| tasks | file | in the bank (mixed) | ratio | after switching | ratio | load |",
+        out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x), the bytes of its "
+                "tensors. Loaded: what mixed batches read (int32 positions, the file's fp16 values, the head); "
+                "after switching: plus the TaskPatch that switching applies (int64 positions, fp32 values) and "
+                "what it prepared (original entries and base + diff; small tensors whole).", "",
+                "| tasks | file | loaded | ratio | after switching | ratio | load |",
                 "|---|---|---|---|---|---|---|"]
         out += [f"| {r['tasks']} | {r['file_bytes']:,} B | {r['bank_bytes_mixed']:,} B | {r['mixed_vs_file']:.2f}x | "
                 f"{r['bank_bytes_switched']:,} B | {r['switched_vs_file']:.2f}x | {load_note(r)} |" for r in latest(rows, "memory")]

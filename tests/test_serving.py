@@ -139,14 +139,25 @@ def test_the_memory_bound_lets_the_least_recently_used_leave(folder, base):
     assert bank.loaded_bytes() <= bank.memory_bytes
 
 
-def test_switching_keeps_what_it_prepared_in_the_bound(folder, base):
+def test_a_loaded_task_is_compact_until_it_is_switched(folder, base):
+    """A patch that can join mixed batches is kept as int32 positions and the file's values
+    (float16 here); its first switch builds the TaskPatch and prepares it, all counted."""
     bank = TaskBank(base, folder)
-    task = bank.get("t0")
+    task = bank.get("m")  # a mask patch: served by switching, its TaskPatch kept from the start
+    assert task.patch is not None
+    random_patch(base, 0.05, 2, seed=7, task="fp16").save(folder / "fp16.safetensors")
+    bank.rescan()
+    task = bank.get("fp16")
+    d = next(iter(task.diffs.values()))
+    assert task.patch is None and d.positions.dtype == torch.int32 and d.values.dtype == torch.float16
+    nnz = sum(d.nnz for d in task.diffs.values())
     before = bank.task_bytes(task)
-    Engine(bank).run([Request("t0", TEXTS)])
-    # large tensors: the original entries and base + diff; small ones: the whole patched tensor
+    assert before == 6 * nnz + sum(t.nbytes for t in task.head.values())
+    Engine(bank).run([Request("fp16", TEXTS)])
+    # the TaskPatch (int64 positions, float32 values); what switching prepared: for large tensors
+    # the original entries and base + diff, for small ones the whole patched tensor
     kept = sum(4 * d.numel if d.numel <= WHOLE_NUMEL else 8 * d.nnz for d in task.patch.diffs.values())
-    assert bank.task_bytes(task) == before + kept
+    assert bank.task_bytes(task) == before + 12 * nnz + kept
 
 
 def test_patches_are_added_and_removed_while_serving(folder, base, tmp_path_factory):

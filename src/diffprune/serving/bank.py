@@ -16,7 +16,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,9 +24,10 @@ import torch
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError, first_line
 from diffprune.patch.apply import prepared_nbytes
+from diffprune.patch.format import VALUE_DTYPES
 from diffprune.patch.taskpatch import TaskPatch
 from diffprune.serving.heads import head_kind, head_problem
-from diffprune.serving.mixed import mix_problem
+from diffprune.serving.mixed import CompactDiff, mix_problem
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RUN_PATCH = "patch.safetensors"
@@ -50,22 +51,35 @@ class Registered:
 
 @dataclass
 class LoadedTask:
-    """A patch read whole, with what serving needs of it."""
+    """A patch read whole, with what serving needs of it. A patch that can join mixed batches is
+    kept compact (CompactDiff: int32 positions, the file's value dtype); its TaskPatch, which
+    switching applies, is built again on the first switch and then kept with the task."""
 
     name: str
-    patch: TaskPatch
+    diffs: dict  # name -> CompactDiff (mixable) or SparseDiff (served by switching only)
     head: dict[str, torch.Tensor]
+    meta: dict
     num_outputs: int
     labels: list[str]
     regression: bool
     max_length: int
     mix_problem: str | None  # why it cannot join a mixed batch (None: it can)
     head_kind: str = "model"
-    patch_bytes: int = field(init=False)
+    patch: TaskPatch | None = None  # for switching; None until the first switch of a compact task
 
-    def __post_init__(self) -> None:
-        self.patch_bytes = sum(d.positions.nbytes + d.values.nbytes for d in self.patch.diffs.values()) + sum(
-            t.nbytes for t in self.head.values())
+    def switch_patch(self) -> TaskPatch:
+        if self.patch is None:
+            diffs = {n: d.widened() if isinstance(d, CompactDiff) else d for n, d in self.diffs.items()}
+            self.patch = TaskPatch(diffs, {n: t.cpu() for n, t in self.head.items()}, self.meta)
+        return self.patch
+
+    def nbytes(self) -> int:
+        """The bytes of its tensors (a TaskPatch built for switching included)."""
+        total = sum(d.positions.nbytes + d.values.nbytes for d in self.diffs.values())
+        total += sum(t.nbytes for t in self.head.values())
+        if self.patch is not None and self.patch.diffs is not self.diffs:
+            total += sum(d.positions.nbytes + d.values.nbytes for d in self.patch.diffs.values())
+        return total
 
 
 class TaskBank:
@@ -171,7 +185,7 @@ class TaskBank:
         return sum(self.task_bytes(t) for t in tasks)
 
     def task_bytes(self, task: LoadedTask) -> int:
-        return task.patch_bytes + prepared_nbytes(task.patch, self.base.model)
+        return task.nbytes() + (prepared_nbytes(task.patch, self.base.model) if task.patch is not None else 0)
 
     def _evict(self, keep: str) -> None:
         total = sum(self.task_bytes(t) for t in self._loaded.values())
@@ -238,8 +252,12 @@ class TaskBank:
         head = {n: t.to(device) for n, t in patch.head.items()}
         limit = self.base.max_positions() or DEFAULT_MAX_LENGTH
         length = min(int(meta.get("max_seq_length") or DEFAULT_MAX_LENGTH), limit)
-        return LoadedTask(reg.name, patch, head, num, labels, regression, length,
-                          mix_problem(patch.diffs, self._modules), kind)
+        mixing = mix_problem(patch.diffs, self._modules)
+        if mixing is None:
+            dtype = VALUE_DTYPES.get(patch._value_dtype or "float32", torch.float32)
+            diffs = {n: CompactDiff.of(d, dtype) for n, d in patch.diffs.items()}
+            return LoadedTask(reg.name, diffs, head, meta, num, labels, regression, length, None, kind)
+        return LoadedTask(reg.name, patch.diffs, head, meta, num, labels, regression, length, mixing, kind, patch)
 
 
 def _read_meta(path: Path) -> dict:

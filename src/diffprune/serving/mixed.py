@@ -19,6 +19,7 @@ equal those of the patch applied in place up to float rounding (tests: within 1e
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from diffprune.serving import kernel
 MIXABLE = {nn.Linear: ("weight", "bias"), nn.Embedding: ("weight",), nn.LayerNorm: ("weight", "bias")}
 
 
-def mix_problem(diffs: dict[str, SparseDiff], modules: dict[str, nn.Module]) -> str | None:
+def mix_problem(diffs: dict[str, SparseDiff | CompactDiff], modules: dict[str, nn.Module]) -> str | None:
     """Why a patch cannot join a mixed batch (None if it can)."""
     for name, d in diffs.items():
         path, _, local = name.rpartition(".")
@@ -49,10 +50,42 @@ def mix_problem(diffs: dict[str, SparseDiff], modules: dict[str, nn.Module]) -> 
     return None
 
 
+@dataclass
+class CompactDiff:
+    """An "add" change as mixed batches read it, in less memory than a SparseDiff: positions as
+    int32 where they fit, values in the dtype the patch file stored them in (exact: the file's
+    values are what a SparseDiff holds, widened to float32)."""
+
+    shape: tuple[int, ...]
+    positions: torch.Tensor
+    values: torch.Tensor
+    kind: str = ADD
+
+    @classmethod
+    def of(cls, d: SparseDiff, value_dtype: torch.dtype) -> CompactDiff:
+        index = torch.int32 if d.numel < 2**31 else torch.int64
+        values = d.values.to(value_dtype)
+        if not torch.equal(values.to(d.values.dtype), d.values):  # never round: keep what the patch holds
+            values = d.values
+        return cls(d.shape, d.positions.to(index), values, d.kind)
+
+    @property
+    def nnz(self) -> int:
+        return self.positions.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.positions.nbytes + self.values.nbytes
+
+    def widened(self) -> SparseDiff:
+        return SparseDiff(self.shape, self.positions.to(torch.int64), self.values.to(torch.float32), self.kind)
+
+
 class MixedBatch:
     """The deltas of a batch whose row r belongs to task slot row_slots[r] (slot s: diffs[s])."""
 
-    def __init__(self, model: nn.Module, diffs: list[dict[str, SparseDiff]], row_slots: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, diffs: list[dict[str, SparseDiff | CompactDiff]],
+                 row_slots: torch.Tensor) -> None:
         self.model, self.row_slots = model, row_slots
         self.batch = int(row_slots.numel())
         modules = dict(model.named_modules())
@@ -116,7 +149,7 @@ class MixedBatch:
         # Every slot's entries once, each row reading its own slot's range of them.
         present = [(s, d) for s, d in enumerate(per_slot) if d is not None]
         positions = torch.cat([d.positions for _, d in present])
-        values = torch.cat([d.values for _, d in present])
+        values = torch.cat([d.values.to(x.dtype) for _, d in present])
         ends = torch.tensor([d.nnz for _, d in present]).cumsum(0)
         slot_start = torch.zeros(len(per_slot), dtype=torch.int64)
         slot_end = torch.zeros(len(per_slot), dtype=torch.int64)
@@ -147,8 +180,9 @@ class MixedBatch:
         ids = ids.expand(self.batch, *ids.shape[1:]).reshape(self.batch, -1)
         dim, numel = m.embedding_dim, m.num_embeddings * m.embedding_dim
         # Every slot's positions, shifted into a range of their own, in one sorted key array.
-        keys = torch.cat([d.positions.to(ids.device) + s * numel for s, d in enumerate(per_slot) if d is not None])
-        values = torch.cat([d.values for d in per_slot if d is not None]).to(out.device, out.dtype)
+        keys = torch.cat([d.positions.to(ids.device, torch.int64) + s * numel
+                          for s, d in enumerate(per_slot) if d is not None])
+        values = torch.cat([d.values.to(out.device, out.dtype) for d in per_slot if d is not None])
         row_start = self.row_slots.to(ids.device)[:, None] * numel + ids * dim  # (batch, tokens)
         lo = torch.searchsorted(keys, row_start.reshape(-1))
         hi = torch.searchsorted(keys, row_start.reshape(-1) + dim)
@@ -170,8 +204,8 @@ def _sparse_rows_product(x: torch.Tensor, per_slot: list, row_slots: torch.Tenso
     counts = torch.tensor([d.nnz if d is not None else 0 for d in rows])
     if int(counts.sum()) == 0:
         return x.new_zeros(())
-    positions = torch.cat([d.positions for d in rows if d is not None])
-    values = torch.cat([d.values for d in rows if d is not None])
+    positions = torch.cat([d.positions.to(torch.int64) for d in rows if d is not None])
+    values = torch.cat([d.values.to(torch.float32) for d in rows if d is not None])
     row = torch.repeat_interleave(torch.arange(batch), counts)
     out_index = positions // n_in
     # Positions are sorted row-major, so (row, out) keys come sorted: the CSR rows of the block.
