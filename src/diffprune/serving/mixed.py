@@ -178,21 +178,24 @@ class MixedBatch:
         if ids.shape[0] not in (1, self.batch):  # position ids come as one row for the whole batch
             self._check_batch(ids, m)
         ids = ids.expand(self.batch, *ids.shape[1:]).reshape(self.batch, -1)
-        dim, numel = m.embedding_dim, m.num_embeddings * m.embedding_dim
-        # Every slot's positions, shifted into a range of their own, in one sorted key array.
-        keys = torch.cat([d.positions.to(ids.device, torch.int64) + s * numel
-                          for s, d in enumerate(per_slot) if d is not None])
-        values = torch.cat([d.values.to(out.device, out.dtype) for d in per_slot if d is not None])
-        row_start = self.row_slots.to(ids.device)[:, None] * numel + ids * dim  # (batch, tokens)
-        lo = torch.searchsorted(keys, row_start.reshape(-1))
-        hi = torch.searchsorted(keys, row_start.reshape(-1) + dim)
-        counts = hi - lo
-        token = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts)
-        entry = torch.arange(int(counts.sum()), device=ids.device) - torch.repeat_interleave(
-            counts.cumsum(0) - counts - lo, counts)
-        column = keys[entry] - row_start.reshape(-1)[token]
+        tokens, dim = ids.shape[1], m.embedding_dim
         result = out.expand(self.batch, *out.shape[1:]).contiguous()
-        result.view(-1).index_add_(0, token * dim + column, values[entry])
+        slots = self.row_slots.to(ids.device)
+        for s, d in enumerate(per_slot):
+            rows = (slots == s).nonzero().squeeze(1) if d is not None else None
+            if rows is None or not rows.numel():
+                continue
+            # The changed entries of each looked-up row: a range of the sorted flat positions.
+            row_start = (ids[rows] * dim).reshape(-1)
+            positions = d.positions.to(ids.device)
+            lo = torch.searchsorted(positions, row_start.to(positions.dtype))
+            counts = torch.searchsorted(positions, (row_start + dim).to(positions.dtype)) - lo
+            token = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts)
+            entry = torch.arange(int(counts.sum()), device=ids.device) - torch.repeat_interleave(
+                counts.cumsum(0) - counts - lo, counts)
+            column = positions[entry].to(torch.int64) - row_start[token]
+            where = (rows[token // tokens] * tokens + token % tokens) * dim + column
+            result.view(-1).index_add_(0, where, d.values[entry].to(result.device, result.dtype))
         return result
 
 
