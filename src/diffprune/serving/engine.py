@@ -38,18 +38,21 @@ class Engine:
     def run(self, requests: list[Request]) -> list[list[dict] | DiffpruneError]:
         """Each request's predictions, or the error that stopped it (an unknown task, a patch
         that cannot be read); one request's error never fails the others."""
-        results: list = [None] * len(requests)
-        tasks: dict[str, LoadedTask] = {}
-        for i, r in enumerate(requests):
+        tasks: dict[str, LoadedTask | DiffpruneError] = {}
+        for name in dict.fromkeys(r.task for r in requests):
             try:
-                tasks.setdefault(r.task, self.bank.get(r.task))
+                tasks[name] = self.bank.get(name)
             except DiffpruneError as e:
-                results[i] = e
+                tasks[name] = e
+        results: list = [tasks[r.task] if isinstance(tasks[r.task], DiffpruneError) else None for r in requests]
         live = [i for i, r in enumerate(requests) if results[i] is None]
         for group in self._groups([requests[i].task for i in live], tasks):
             members = [i for i in live if requests[i].task in group]
-            outputs = self._forward([tasks[t] for t in group], [(group.index(requests[i].task), requests[i].inputs)
-                                                                for i in members])
+            try:
+                outputs = self._forward([tasks[t] for t in group],
+                                        [(group.index(requests[i].task), requests[i].inputs) for i in members])
+            except DiffpruneError as e:  # this group's tasks fail; the other groups still run
+                outputs = [e] * len(members)
             for i, out in zip(members, outputs):
                 results[i] = out
         return results
