@@ -309,3 +309,17 @@ def test_a_base_changed_in_place_gets_fresh_copies_of_its_small_tensors(model_di
     changed = bias.detach().clone()
     apply_patch(second, own, head=False).revert()
     assert torch.equal(bias, changed)
+
+
+def test_a_rewritten_file_is_read_again_and_a_taken_name_refused(folder, base):
+    bank = TaskBank(base, folder)
+    first = bank.get("t0")
+    random_patch(base, 0.05, 2, seed=42, task="t0").save(folder / "t0.safetensors", "float32")
+    bank.rescan()
+    second = bank.get("t0")
+    assert second is not first and not torch.equal(second.head["classifier.weight"], first.head["classifier.weight"])
+    run = folder / "t0"
+    run.mkdir()
+    (run / "patch.safetensors").write_bytes((folder / "t1.safetensors").read_bytes())
+    bank.rescan()  # the run folder sorts first and keeps the name
+    assert "task name 't0' is taken by t0/patch.safetensors" in bank.refused["t0.safetensors"]

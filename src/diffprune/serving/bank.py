@@ -47,6 +47,12 @@ class Registered:
     path: Path
     meta: dict
     file_bytes: int
+    modified_ns: int = 0
+
+    @property
+    def stamp(self) -> tuple:
+        """What changes when the file is replaced or rewritten."""
+        return self.path, self.file_bytes, self.modified_ns
 
 
 @dataclass
@@ -110,7 +116,11 @@ class TaskBank:
             except DiffpruneError as e:
                 refused[entry.name] = str(e)
                 continue
-            if registered is not None:
+            if registered is not None and registered.name in found:
+                taken = found[registered.name].path
+                where = taken.relative_to(self.folder) if taken.is_relative_to(self.folder) else taken
+                refused[entry.name] = f"task name '{registered.name}' is taken by {where}"
+            elif registered is not None:
                 found[registered.name] = registered
         with self._lock:
             before = set(self._registered)
@@ -118,7 +128,7 @@ class TaskBank:
                 self._loaded.pop(name, None)
             for name, reg in found.items():
                 old = self._registered.get(name)
-                if old is not None and (old.path, old.file_bytes, old.meta) != (reg.path, reg.file_bytes, reg.meta):
+                if old is not None and old.stamp != reg.stamp:
                     self._loaded.pop(name, None)  # the file changed: read it again on next use
             self._registered, self.refused = found, refused
         return {"added": sorted(set(found) - before), "removed": sorted(before - set(found)), "refused": refused}
@@ -231,7 +241,8 @@ class TaskBank:
             raise DiffpruneError(f"made for base {meta['fingerprint']}, but the served base "
                                  f"'{self.base.name}' is {self.base.fingerprint}")
         head_kind(meta)
-        return Registered(name, resolved, meta, resolved.stat().st_size)
+        stat = resolved.stat()
+        return Registered(name, resolved, meta, stat.st_size, stat.st_mtime_ns)
 
     def _load(self, reg: Registered) -> LoadedTask:
         patch = TaskPatch.load(reg.path)
