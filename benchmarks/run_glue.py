@@ -61,7 +61,7 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     # Adapting by pruning and the paper's comparisons: masks over the frozen pretrained weights.
     # Each mask method trains 3 epochs under its evolving mask, then 1 epoch (a third of the
     # task's epochs) of the head alone with the exact mask; head-only gets the same 4 epochs.
-    # Learning rates: the methods' defaults (abp: 2e-4 for the scores; every head: 1e-3). Their
+    # Learning rates: the methods' defaults (abp: 2e-4 for the scores; every head: 3e-3). Their
     # head is FROZEN_ENCODER_HEAD (table.py), not the model's own, which found no signal on
     # STS-B's frozen features (head-only -6.0; see benchmarks/README.md).
     ("abp", {"sparsity": 0.5}, [1, 2]),

@@ -182,6 +182,7 @@ def test_a_mask_patch_is_refused_on_another_base(runs, tmp_path):
 
 
 def test_the_head_rate_follows_lr_where_the_head_is_what_trains(tiny_model):
+    from diffprune.heads import FROZEN_ENCODER_HEAD_LR
     from diffprune.training.settings import TrainSettings
 
     def rates(method, **settings):
@@ -193,5 +194,6 @@ def test_the_head_rate_follows_lr_where_the_head_is_what_trains(tiny_model):
     assert rates("magnitude", lr=5e-4) == [{"head": 5e-4, "head_no_decay": 5e-4}] * 2
     assert rates("magnitude", lr=5e-4, head_lr=2e-3)[1]["head"] == 2e-3
     # abp's --lr is its scores'; its head keeps the mask methods' head rate unless --head-lr says
-    assert rates("abp", lr=1e-3)[0] == {"scores": 1e-3, "head": 1e-3, "head_no_decay": 1e-3}
-    assert rates("abp", lr=5e-4)[0]["head"] == 1e-3 and rates("abp", lr=5e-4, head_lr=3e-3)[1]["head"] == 3e-3
+    head = FROZEN_ENCODER_HEAD_LR
+    assert rates("abp", lr=1e-3)[0] == {"scores": 1e-3, "head": head, "head_no_decay": head}
+    assert rates("abp", lr=5e-4)[0]["head"] == head and rates("abp", lr=5e-4, head_lr=7e-3)[1]["head"] == 7e-3

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from diffprune.base import BaseModel
+from diffprune.heads import FROZEN_ENCODER_HEAD_LR
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
 from diffprune.methods.full import single_phase
 from diffprune.methods.registry import Method, register
@@ -21,7 +22,7 @@ class HeadOnly(Method):
     name = "head"
     artifact = PATCH_FILE
     summary = "feature extraction: the base frozen, only the task head trains"
-    default_lr = 1e-3
+    default_lr = FROZEN_ENCODER_HEAD_LR
 
     def prepare(self, base: BaseModel) -> nn.Module:
         for name, p in base.model.named_parameters():

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from diffprune.base import BaseModel
-from diffprune.methods.masking.method import HEAD_LR, MaskMethod
+from diffprune.heads import FROZEN_ENCODER_HEAD_LR
+from diffprune.methods.masking.method import MaskMethod
 from diffprune.methods.masking.options import AbpOptions
 from diffprune.methods.registry import register
 from diffprune.pruning.masked import MaskedModel
@@ -56,7 +57,7 @@ class AdaptingByPruning(MaskMethod):
 
     def head_lr(self, s: TrainSettings) -> float:
         """--head-lr, else the head rate every mask method uses (--lr is the scores')."""
-        return s.head_lr if s.head_lr is not None else HEAD_LR
+        return s.head_lr if s.head_lr is not None else FROZEN_ENCODER_HEAD_LR
 
     def scores(self, model: MaskedModel) -> list[torch.Tensor]:
         return [s.detach() for s in model.scores]

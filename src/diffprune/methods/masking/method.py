@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from diffprune.base import BaseModel
+from diffprune.heads import FROZEN_ENCODER_HEAD_LR
 from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
 from diffprune.methods.masking.options import MagnitudeOptions, MaskOptions
 from diffprune.methods.registry import Method, register
@@ -28,14 +29,11 @@ from diffprune.training.phases import ParamGroup, Phase, head_groups
 from diffprune.training.settings import TrainSettings
 
 
-# The head trains from scratch on frozen (masked) features, as BitFit's does, at BitFit's rate.
-HEAD_LR = 1e-3
-
 
 class MaskMethod(Method):
     Config = MaskOptions
     artifact = PATCH_FILE
-    default_lr = HEAD_LR  # the mask is not learned: the head is what trains
+    default_lr = FROZEN_ENCODER_HEAD_LR  # the mask is not learned: the head is what trains (heads.py)
     fsdp_refused = ("its masks sit beside the frozen base and are read whole; launch it with DDP "
                     "(accelerate launch without an FSDP config, or torchrun)")
     learned = False
