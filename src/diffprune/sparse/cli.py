@@ -40,8 +40,10 @@ def speed_command(source, model, batch_size, length, threads, repeats, as_json) 
         return
     w = result.weight_bytes
     click.echo(f"sparse: {result.report.summary()}")
-    click.echo(f"batch {batch_size} x {length} tokens, {result.threads} threads: dense {result.dense_ms:.2f} ms, "
+    threads_text = f"{result.threads} thread{'s' if result.threads > 1 else ''}"
+    click.echo(f"batch {batch_size} x {length} tokens, {threads_text}: dense {result.dense_ms:.2f} ms, "
                f"sparse {result.sparse_ms:.2f} ms, speedup {result.speedup:.2f}x "
                f"(largest output difference {result.max_abs_diff:.1e})")
-    click.echo(f"Linear weights: {w['stored']:,} bytes sparse against {w['dense_fp32']:,} dense fp32 "
+    click.echo(f"Linear weights: {w['stored']:,} bytes as the sparse model holds them, against "
+               f"{w['dense_fp32']:,} dense fp32 "
                f"({w['stored'] / max(1, w['dense_fp32']):.3f}x)")

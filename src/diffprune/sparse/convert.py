@@ -60,7 +60,7 @@ class SparsifyReport:
         if not pruned:
             return "no pruned Linear layer: the model runs dense"
         return (f"{len(self.sparse_layers)} of {len(pruned)} pruned Linear layers run sparse "
-                f"(timed at {self.tokens} tokens on {self.threads} thread; the rest stay dense, faster there)")
+                f"(timed at {self.tokens} tokens on one thread; the rest stay dense, as fast or faster there)")
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "threads": self.threads, "layers": [asdict(layer) for layer in self.layers]}
