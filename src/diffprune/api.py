@@ -106,12 +106,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         raise DiffpruneError("--output is required: the folder for everything the run writes")
     output = Path(settings.output)
     spec = get_task(settings.task)
-    method = build_method(settings.method, method_options)
-    if method.fsdp_refused and parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch`
-        raise DiffpruneError(f"method '{method.name}' cannot train under FSDP: {method.fsdp_refused}")
-    if settings.head != MODEL_HEAD and method.artifact != PATCH_FILE:
-        raise DiffpruneError(f"--head {settings.head} needs a method whose result is a patch: '{method.name}' saves "
-                             f"a transformers {method.artifact}, which has no place for that head")
+    method = _method_for(settings, method_options)
     check_writable(output)  # a read-only or full output is refused now, not after minutes of loading
     computation = {**settings.computation(), "method_options": _jsonable_options(method.config)}
     # A run made before an option of this version existed used its default (check_resumable).
@@ -162,7 +157,31 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
 
     method.finish(model)
     final = dev_metrics(wrapped, data, collator, accelerator, settings.eval_batch_size)
-    record = {
+    record = _run_record(settings, spec, method, model, base, data, final, progress, accelerator, started)
+    with writing_into(output):
+        if accelerator.is_main_process and settings.save_model:
+            record["files"] = method.save(model, base, output, record)
+        record.update(method.record_extras(model, base))  # after save: it may report the artifact's size
+        if accelerator.is_main_process:
+            write_json(output / "run.json", record)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return record
+
+
+def _method_for(settings: TrainSettings, method_options: dict[str, Any] | None):
+    """The method the settings name, refused now where it cannot run as asked."""
+    method = build_method(settings.method, method_options)
+    if method.fsdp_refused and parse_flag_from_env("ACCELERATE_USE_FSDP"):  # set by `accelerate launch`
+        raise DiffpruneError(f"method '{method.name}' cannot train under FSDP: {method.fsdp_refused}")
+    if settings.head != MODEL_HEAD and method.artifact != PATCH_FILE:
+        raise DiffpruneError(f"--head {settings.head} needs a method whose result is a patch: '{method.name}' saves "
+                             f"a transformers {method.artifact}, which has no place for that head")
+    return method
+
+
+def _run_record(settings, spec, method, model, base, data, final, progress, accelerator, started) -> dict[str, Any]:
+    return {
         "diffprune_version": __version__,
         "model": base.name,
         "fingerprint": base.fingerprint,
@@ -186,15 +205,6 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         "device": device_name(accelerator),
         "num_processes": accelerator.num_processes,
     }
-    with writing_into(output):
-        if accelerator.is_main_process and settings.save_model:
-            record["files"] = method.save(model, base, output, record)
-        record.update(method.record_extras(model, base))  # after save: it may report the artifact's size
-        if accelerator.is_main_process:
-            write_json(output / "run.json", record)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return record
 
 
 def _data_folder(data_dir: str | None) -> str | None:
