@@ -100,15 +100,12 @@ def render_goals(records: list[dict]) -> str:
 
 
 READING = """\
-**How to read these rows.** Every row so far was measured while other sessions trained on the
-same two cores (the load column: 3 to 12), so every engine ran slower than on a quiet machine,
-and the 2-thread rows most: there torch's OpenMP threads spin-wait at each parallel region
-against the other work, and torch's engines often ran 2 to 6 times slower than on one thread,
-while ONNX Runtime, whose threads sleep, kept its speed. The 2-thread rows measure that
-contention more than the engines; they neither meet nor miss the goals, which are stated for a
-quiet machine. The 1-thread rows are the fairer comparison here (load slows every engine about
-alike); "fastest calls" divides the fastest calls, which load disturbs least. What stands
-between the kernel and the goal at 95%: the work that is not a Linear layer (attention, GELU,
+**How to read these rows.** The load column is the 1-minute load average when a row started;
+a row measured on quiet cores shows about its own thread count there (the newest goal rows at 2
+threads were). A row with a higher load was measured while other work shared the two cores,
+which slows every engine, torch's 2-thread engines most (their OpenMP threads spin-wait against
+the other work) and ONNX Runtime's least (its threads sleep); "fastest calls" divides the
+fastest calls, which load disturbs least. What stands between the kernel and the goal at 95%: the work that is not a Linear layer (attention, GELU,
 LayerNorm: about 5 ms of the packaged model's 1-thread forward pass, untouched), the transposes
 into and out of the kernel's layout (eight per layer under torch.no_grad: the FFN's output
 stays transposed through GELU into the next layer, and query, key and value share their input's),
