@@ -111,13 +111,14 @@ def cached(task: str, data_dir: str | None, train_examples: int) -> tuple:
 def render(records: list[dict]) -> str:
     if not records:
         return "No head probes recorded yet.\n"
-    lines = ["| task | train examples | epochs | head | " + " | ".join(f"lr {lr:g}" for lr in sorted({r["lr"] for r in records}))
-             + " |", "|---" * (4 + len({r["lr"] for r in records})) + "|"]
+    rates = sorted({r["lr"] for r in records})
+    lines = ["| task | train examples | epochs | head | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+             "|---" * (4 + len(rates)) + "|"]
     keys = sorted({(r["task"], r["train_examples"], r["epochs"], r["head"]) for r in records},
                   key=lambda k: (k[0], k[1], k[2], HEADS.index(k[3])))
     for task, n, epochs, head in keys:
         cells = []
-        for lr in sorted({r["lr"] for r in records}):
+        for lr in rates:
             scores = [r["score"] for r in records if (r["task"], r["train_examples"], r["epochs"], r["head"], r["lr"])
                       == (task, n, epochs, head, lr)]
             cells.append(f"{100 * statistics.median(scores):.1f}" if scores else "–")

@@ -105,12 +105,13 @@ a row measured on quiet cores shows about its own thread count there (the newest
 threads were). A row with a higher load was measured while other work shared the two cores,
 which slows every engine, torch's 2-thread engines most (their OpenMP threads spin-wait against
 the other work) and ONNX Runtime's least (its threads sleep); "fastest calls" divides the
-fastest calls, which load disturbs least. What stands between the kernel and the goal at 95%: the work that is not a Linear layer (attention, GELU,
-LayerNorm: about 5 ms of the packaged model's 1-thread forward pass, untouched), the transposes
-into and out of the kernel's layout (eight per layer under torch.no_grad: the FFN's output
-stays transposed through GELU into the next layer, and query, key and value share their input's),
-and the kernel itself (about 20 GMAC/s on one core, against about 50 for dense BLAS,
-so the crossover with dense is near 60% sparsity).
+fastest calls, which load disturbs least. What stands between the kernel and the goal at 95%:
+the work that is not a Linear layer (attention, GELU, LayerNorm: about 5 ms of the packaged
+model's 1-thread forward pass, untouched), the transposes into and out of the kernel's layout
+(eight per layer under torch.no_grad: the FFN's output stays transposed through GELU into the
+next layer, and query, key and value share their input's), and the kernel itself (about 20
+GMAC/s on one core, against about 50 for dense BLAS, so the crossover with dense is near 60%
+sparsity).
 
 """
 
