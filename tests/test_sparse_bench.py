@@ -29,13 +29,7 @@ def test_pruning_is_per_matrix_and_exact(pruned_tiny):
 
 
 def test_a_record_of_every_engine(pruned_tiny, tmp_path):
-    engines = ["eager", "csr", "diffprune"]
-    try:
-        import onnxruntime  # noqa: F401
-
-        engines.append("onnxruntime")
-    except ImportError:
-        pass
+    engines = ["eager", "csr", "onnxruntime", "diffprune"]  # onnxruntime: in the test extra
     args = Namespace(engines=engines, threads=[1], batch_sizes=[2], lengths=[8], repeats=2, warmup=1)
     records = sparse_speed.measure("tiny", 0.9, pruned_tiny, args, tmp_path)
     (r,) = records
