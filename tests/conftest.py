@@ -100,6 +100,20 @@ def train_in_process(output: Path, model: str, method: str, options: dict | None
     return record, spy.last
 
 
+def run_cache(tmp_path_factory, model: str, **defaults):
+    """`get(name, method, options=None, **settings)`: the run trained once under `name` (in
+    process, `defaults` under `settings`), as (folder, record, final dev logits)."""
+    cache = {}
+
+    def get(name, method, options=None, **settings):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            cache[name] = (out, *train_in_process(out, model, method, options, **{**defaults, **settings}))
+        return cache[name]
+
+    return get
+
+
 class LogitSpy:
     """Records the logits of every api.predict_logits call (the last one is the final dev pass)."""
 

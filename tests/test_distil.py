@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GLUE_FIXTURES, train_in_process
+from conftest import GLUE_FIXTURES, run_cache, train_in_process
 from diffprune import api
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
@@ -34,15 +34,7 @@ FAST = dict(epochs=1, checkpoint_every=1)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
-    cache = {}
-
-    def get(name, method, options=None, **settings):
-        if name not in cache:
-            out = tmp_path_factory.mktemp(name)
-            cache[name] = (out, *train_in_process(out, tiny_model, method, options, **{**FAST, **settings}))
-        return cache[name]
-
-    return get
+    return run_cache(tmp_path_factory, tiny_model, **FAST)
 
 
 def _log(out, name):

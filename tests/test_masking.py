@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import GLUE_FIXTURES, run_cli, train_in_process
+from conftest import GLUE_FIXTURES, run_cache, run_cli, train_in_process
 from diffprune import api
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
@@ -29,15 +29,7 @@ ABP = dict(epochs=2, checkpoint_every=1)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
-    cache = {}
-
-    def get(name, method, options=None, **settings):
-        if name not in cache:
-            out = tmp_path_factory.mktemp(name)
-            cache[name] = (out, *train_in_process(out, tiny_model, method, options, **settings))
-        return cache[name]
-
-    return get
+    return run_cache(tmp_path_factory, tiny_model)
 
 
 def _log(out, name):
