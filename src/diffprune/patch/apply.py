@@ -1,4 +1,4 @@
-"""Applying a patch to a model in place, reverting it bit for bit, and exporting base + patch.
+"""Applying a patch to a model in place and reverting it bit for bit (exporting: export.py).
 
 `apply_patch` verifies the model it is given instead of trusting its caller: the base fingerprint
 is computed on the model's own weights, so another base, or a base that already carries a patch
@@ -29,10 +29,8 @@ tensor costs more than the copy).
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +38,6 @@ from torch import nn
 
 from diffprune.base import BaseModel, fingerprint
 from diffprune.errors import DiffpruneError
-from diffprune.io import atomic_dir
 from diffprune.patch.kinds import ADD, SPARSE, SparseDiff
 
 if TYPE_CHECKING:
@@ -393,25 +390,3 @@ def _prepare(p: nn.Parameter, d: SparseDiff, state: _ModelState, name: str, base
     if d.kind == ADD:
         values = originals + values  # the very sum index_add_ would write, rounded the same way
     return _Entry(p, p.data_ptr(), d, flat, pos, values, originals)
-
-
-def export_model(patch: TaskPatch, base: BaseModel, output_dir: str | os.PathLike) -> Path:
-    """Write base+patch as a plain transformers model folder (loads with AutoModelForSequenceClassification):
-    added diffs included, switched-off and pruned entries as zeros."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise DiffpruneError(f"{output_dir} exists and is not an empty folder; export writes a new model folder")
-    config = base.model.config
-    saved_labels = (config.id2label, config.label2id)
-    labels = patch.meta.get("labels")
-    with patch.apply(base):
-        try:
-            if labels and len(labels) == config.num_labels:  # name the outputs like the task does
-                config.id2label = dict(enumerate(labels))
-                config.label2id = {label: i for i, label in enumerate(labels)}
-            with atomic_dir(output_dir) as tmp:
-                base.model.save_pretrained(tmp)
-                base.tokenizer.save_pretrained(tmp)
-        finally:
-            config.id2label, config.label2id = saved_labels
-    return output_dir

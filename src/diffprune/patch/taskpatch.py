@@ -19,7 +19,8 @@ from torch import nn
 
 import diffprune
 from diffprune.errors import DiffpruneError
-from diffprune.patch.apply import AppliedPatch, apply_patch, export_model
+from diffprune.patch.apply import AppliedPatch, apply_patch
+from diffprune.patch.export import export_model
 from diffprune.patch.codec import choose_codec
 from diffprune.patch.format import VALUE_DTYPES, read_patch, write_patch
 from diffprune.patch.kinds import ADD, KINDS, SPARSE, SparseDiff
