@@ -398,3 +398,51 @@ def test_lower_gates_to_puts_the_density_on_the_goal_and_keeps_the_order(base, s
     now = [a.detach().clone() for a in dm.log_alpha]
     assert dm.lower_gates_to(0.9) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(dm.log_alpha, now))
+
+
+def _fixed_at_random(base, k: int, seed: int = 0) -> DiffModel:
+    """A fixed-mode DiffModel over every base tensor with k random positions and values, some of
+    them in the padding row and in rows the batch looks up."""
+    g = torch.Generator().manual_seed(seed)
+    dm = _wrap(base, k=1)
+    start = sum(dm.numels[:dm.names.index(EMBEDDING)])
+    end, dim = start + base.model.get_parameter(EMBEDDING).numel(), base.model.config.hidden_size
+    anywhere = torch.randperm(dm.total, generator=g)
+    elsewhere = anywhere[(anywhere < start) | (anywhere >= end)][:k - 124]
+    looked_up = torch.arange(1000, 1060).repeat_interleave(2) * dim + torch.randint(0, dim, (120,), generator=g)
+    positions = torch.cat([elsewhere, start + looked_up, start + torch.arange(4)]).unique()  # row 0: [PAD]
+    dm = _wrap(base, k=positions.numel())
+    dm.fix(positions.sort().values, torch.randn(k, generator=g)[:positions.numel()] * 0.05)
+    return dm
+
+
+def test_fixed_values_grad_through_layer_outputs_equals_autograd(base):
+    """Linear and embedding weights take the sampled-gradient path (no dense weight gradient);
+    the loss and every value's gradient equal those of autograd through the whole tensors."""
+    dm = _fixed_at_random(base, k=3000)
+    assert {type(m) for m in dm._sampled_owners.values()} == {nn.Linear, nn.Embedding}
+    batch = _batch()
+    results = []
+    for owners in (dm._sampled_owners, {}):
+        dm._sampled_owners = owners
+        dm.values.grad = None
+        loss = dm(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), dm.values.grad.clone()))
+    (loss, grad), (loss_ref, grad_ref) = results
+    assert torch.equal(loss, loss_ref)
+    assert grad_ref.abs().max() > 0 and (grad != 0).sum() > 100
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+    for p in base.model.parameters():  # the frozen base got no gradient on either path
+        assert p.grad is None or p.requires_grad
+
+
+def test_fixed_sampled_grad_skips_shared_and_subclassed_layers(base):
+    class Scaled(nn.Linear):  # a subclass may compute otherwise: it keeps autograd's path
+        pass
+
+    layer = base.model.bert.encoder.layer[0].intermediate.dense
+    layer.__class__ = Scaled
+    dm = _wrap(base, k=10)
+    assert "bert.encoder.layer.0.intermediate.dense.weight" not in dm._sampled_owners
+    assert "bert.encoder.layer.0.output.dense.weight" in dm._sampled_owners

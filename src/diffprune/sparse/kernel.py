@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -147,8 +148,15 @@ def sparse_matmul_t(blocks: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
     if threads == 1:
         kernels["rows"](indptr, indices, data, xT, bias, yT, 0, len(indptr) - 1)
         return
+    with pool(threads):
+        kernels["spmm"](blocks, indptr, indices, data, xT, bias, yT)
+
+
+@contextmanager
+def pool(threads: int):
+    """numba's parallel kernels run on `threads` threads within the block, one caller at a time."""
     nb = numba()
     with _POOL_LOCK:
         if nb.get_num_threads() != threads:  # numba's setting is per calling thread
             nb.set_num_threads(threads)
-        kernels["spmm"](blocks, indptr, indices, data, xT, bias, yT)
+        yield

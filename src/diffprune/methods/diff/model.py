@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from diffprune import gates
 from diffprune.gates import GateShape
+from diffprune.methods.diff.sparse_grad import sampled_owners, sampled_values_grad
 
 MODES = ("dense", "l0", "fixed")
 
@@ -71,6 +72,7 @@ class DiffModel(nn.Module):
         gate_entries = sum(a.numel() for a in self.gate_logits()) if track_gate_velocity else 0
         self.register_buffer("logit_average", torch.zeros(gate_entries))
         self.numels = [p.numel() for p in self._theta0]
+        self._sampled_owners = sampled_owners(model, self.names)  # a plain dict: not submodules
         self.total = sum(self.numels)
         self.set_mode(mode)
 
@@ -123,26 +125,38 @@ class DiffModel(nn.Module):
 
     def effective_parameters(self, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.mode == "fixed":
-            return self._fixed_parameters()
+            return self._fixed_parameters()[0]
         params = {}
         for name, theta0, (rows, delta) in zip(self.names, self._theta0, self.deltas(input_ids)):
             params[name] = theta0 + delta if rows is None else theta0.index_put((rows,), theta0[rows] + delta)
         return params
 
-    def _fixed_parameters(self) -> dict[str, torch.Tensor]:
-        params, offsets = {}, self.offsets.tolist()
+    def _fixed_parameters(self) -> tuple[dict[str, torch.Tensor], list]:
+        """The tensors with their k values added, and the (layer, values, positions) whose values
+        get their gradient from the layer's output alone (sparse_grad) rather than through them."""
+        params, sampled, offsets = {}, [], self.offsets.tolist()
+        # Measured on the CPU only (the dense weight gradient is what a GPU does best).
+        sampling = torch.is_grad_enabled() and self.values.requires_grad and self.values.device.type == "cpu"
         start_of = 0
         for i, (name, theta0) in enumerate(zip(self.names, self._theta0)):
             a, b = offsets[i], offsets[i + 1]
             if b > a:  # tensors without a change are used as they are: no copy
-                local = self.positions[a:b] - start_of
-                params[name] = theta0.reshape(-1).index_add(0, local, self.values[a:b]).view_as(theta0)
+                local, values = self.positions[a:b] - start_of, self.values[a:b]
+                owner = self._sampled_owners.get(name) if sampling else None
+                if owner is not None:
+                    sampled.append((owner, values, local))
+                    values = values.detach()
+                params[name] = theta0.reshape(-1).index_add(0, local, values).view_as(theta0)
             start_of += self.numels[i]
-        return params
+        return params, sampled
 
     def forward(self, **batch):
-        return functional_call(self.model, self.effective_parameters(batch.get("input_ids")), args=(), kwargs=batch,
-                               strict=False)
+        if self.mode != "fixed":
+            return functional_call(self.model, self.effective_parameters(batch.get("input_ids")), args=(),
+                                   kwargs=batch, strict=False)
+        params, sampled = self._fixed_parameters()
+        with sampled_values_grad(sampled):
+            return functional_call(self.model, params, args=(), kwargs=batch, strict=False)
 
     # -- the L0 penalty ------------------------------------------------------------------
     def expected_l0(self, group_penalty: str = "product") -> torch.Tensor:
