@@ -148,6 +148,7 @@ def train(settings: TrainSettings, method_options: dict[str, Any] | None = None)
         max_grad_norm=settings.max_grad_norm,
         checkpoint_every=settings.checkpoint_every,
         log_every=settings.log_every,
+        lengths=[len(example["input_ids"]) for example in data.train] if settings.group_by_length else None,
     )
     try:
         with writing_into(output):  # the log and the checkpoints, written as the run goes

@@ -50,13 +50,29 @@ class LoopContext:
     max_grad_norm: float
     checkpoint_every: int
     log_every: int
+    lengths: list[int] | None = None  # each training example's tokens, to group batches by length
 
 
-def epoch_order(n: int, batch_size: int, seed: int, phase: int, epoch: int) -> list[list[int]]:
-    """The global batches of one epoch; a pure function of its arguments."""
+# Batches' worth of a random order sorted together when batches are grouped by length (HF
+# Trainer's LengthGroupedSampler takes 50 too): few batches then mix short and long inputs,
+# and which examples meet in a batch is still random.
+LENGTH_GROUP_BATCHES = 50
+
+
+def epoch_order(n: int, batch_size: int, seed: int, phase: int, epoch: int,
+                lengths: list[int] | None = None) -> list[list[int]]:
+    """The global batches of one epoch; a pure function of its arguments. With `lengths`, a
+    random order is cut into groups of LENGTH_GROUP_BATCHES batches, each group sorted by
+    length (longest first) and cut into batches, and the batches shuffled: batches pad less."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        group = LENGTH_GROUP_BATCHES * batch_size
+        order = [i for a in range(0, n, group) for i in sorted(order[a:a + group], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
 
 
 def shard(indices: list[int], accelerator: Accelerator) -> list[int]:
@@ -144,7 +160,7 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
         ctx.model.train()
         while progress.phase_step < total and not phase.stopped():
             epoch, start = divmod(progress.phase_step, steps_per_epoch)
-            batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, index, epoch)[start:]
+            batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, index, epoch, ctx.lengths)[start:]
             shares = [shard_with_weight(b, acc) for b in batches]
             loader = DataLoader(ctx.train_set, batch_sampler=[mine for mine, _ in shares],
                                 collate_fn=ctx.collator, generator=torch.Generator())

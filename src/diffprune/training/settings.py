@@ -74,6 +74,9 @@ class TrainSettings:
     warmup_ratio: float = option(0.1, "Fraction of each phase's steps spent in linear warmup.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).")
     max_seq_length: int = option(128, "Longer inputs are truncated; batches are padded dynamically.")
+    group_by_length: bool = option(
+        False, "Batch examples of similar length together (fewer padded tokens: faster on a CPU; "
+        "the batches still come in random order).")
     max_train_samples: int | None = option(None, "Train on the first N training examples only (smoke tests).")
     max_eval_samples: int | None = option(None, "Evaluate on the first N dev examples only (smoke tests).")
     checkpoint_every: int = option(200, "Write a resumable checkpoint every N optimiser steps (0: only at epoch ends).")
