@@ -587,11 +587,11 @@ def test_the_head_must_be_the_models_head(base):
 
 
 def test_the_fingerprint_is_cached_safely(base, monkeypatch):
-    import diffprune.patch.apply as apply_module
+    import diffprune.patch.model_state as state_module
 
     calls = []
-    real = apply_module.fingerprint
-    monkeypatch.setattr(apply_module, "fingerprint", lambda params: calls.append(1) or real(params))
+    real = state_module.fingerprint
+    monkeypatch.setattr(state_module, "fingerprint", lambda params: calls.append(1) or real(params))
     patch, _ = _kind_patch(base, "mixed")
     for _ in range(3):
         patch.apply(base).revert()

@@ -2,164 +2,42 @@
 
 `apply_patch` verifies the model it is given instead of trusting its caller: the base fingerprint
 is computed on the model's own weights, so another base, or a base that already carries a patch
-(its weights are no longer the base's), is refused.
-
-Hashing MiniLM's 22.7M base weights takes ~120 ms, against ~1 ms for an apply and revert, so
-the fingerprint is cached per model (beside it, in a WeakKeyDictionary: nothing is added to the
-model, and the entry dies with it), keyed by each base parameter's identity, storage, dtype,
-shape and version counter. torch bumps a tensor's version counter on every in-place change it
-tracks (an optimizer step, load_state_dict, copy_ under no_grad, a write through a view or
-detach()), so any such change makes the key differ and the next apply hashes the weights again.
-Writes that torch does not track, through `.data` or a numpy view, are not seen: do not apply a
-patch to a model changed that way after an apply on it.
-
-An apply bumps the versions of what it writes, which would make every apply after a revert hash
-everything again. But a revert restores those bits exactly, so when it finds the versions
-exactly as its own apply left them (nothing wrote there since), it re-validates the cached
-fingerprint under the versions after the revert.
+(its weights are no longer the base's), is refused. The fingerprint and what an apply
+prepares are cached per model (model_state.py).
 
 Serving switches tasks on every batch, so what an apply needs beyond the check is kept per model
-and patch (`_Prepared`): positions and values on the parameters' device and dtype, and the base
-entries at the positions, read once. Those entries are the base's because every apply checks the
-fingerprint first, and they are only reused for the very parameter objects, at the same memory,
-that they were read from. An apply is then one indexed write per tensor, a revert another;
-small tensors (biases, norms) are copied whole from a patched copy, all in one call (a call per
-tensor costs more than the copy).
+and patch (`Prepared`). "add" changes on float32 CPU parameters are kept in the compact form
+(compact.py; a CompactPatch from the task bank already is) and written by one numba call that
+decodes every position, saves the entry there and adds the value; the revert is one call that
+writes the saved entries back, so it restores the very bits ((a + b) - b is not always a) and
+nothing but the compact form is kept between applies (the entries and positions an apply keeps
+for its revert sit in buffers of the model's state, one patch being applied at a time). numba's
+writes are invisible to torch, so each call bumps the version counters of the tensors it wrote,
+as a torch write would.
+The other changes (mask, sparse; add on other devices or dtypes) keep positions and values on
+the parameters' device and dtype, and the base entries at the positions, read once. Those
+entries are the base's because every apply checks the fingerprint first, and they are only
+reused for the very parameter objects, at the same memory, that they were read from. An apply is
+then one indexed write per tensor, a revert another; small tensors are copied whole from a
+patched copy, all in one call (a call per tensor costs more than the copy).
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
-from diffprune.base import BaseModel, fingerprint
+from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
+from diffprune.patch.compact import CompactDiffs, CompactPatch, kernels, value_table
 from diffprune.patch.kinds import ADD, SPARSE, SparseDiff
+from diffprune.patch.model_state import Entry, Fingerprint, Flats, ModelState, Prepared, Written, state_of
 
 if TYPE_CHECKING:
     from diffprune.patch.taskpatch import TaskPatch
-
-
-class _Written(list):
-    """(parameter, version, storage) of each tensor an apply wrote, right after it wrote them.
-    The model's state keeps this, not the AppliedPatch, so that a handle nobody will revert
-    (a model patched for good) does not keep the original entries alive with the model."""
-
-    def unchanged(self) -> bool:
-        """Whether those tensors still hold exactly what the apply wrote (nothing wrote there since)."""
-        return all(p._version == v and p.data_ptr() == ptr for p, v, ptr in self)
-
-
-def _key(params: dict[str, nn.Parameter]) -> tuple:
-    """What torch tells cheaply about the contents of `params` (~40 us for MiniLM's 103 tensors)."""
-    return tuple((n, id(p), p.data_ptr(), p.dtype, p.shape, p._version) for n, p in params.items())
-
-
-@dataclass
-class _Fingerprint:
-    """A fingerprint of the base parameters valid while their key is `key`."""
-
-    names: tuple[str, ...]
-    key: tuple
-    refs: list  # weak references: a new parameter object that reuses a freed one's id() still differs
-    value: str
-
-    def holds_for(self, key: tuple, params: dict[str, nn.Parameter]) -> bool:
-        return key == self.key and all(r() is p for r, p in zip(self.refs, params.values()))
-
-
-@dataclass
-class _Entry:
-    """One changed tensor of a patch, ready to write into one parameter of one model."""
-
-    param: nn.Parameter
-    data_ptr: int
-    diff: SparseDiff  # the patch's own change; a change replaced since makes the entry stale
-    flat: torch.Tensor
-    positions: torch.Tensor  # on the parameter's device
-    values: torch.Tensor  # what an apply writes at the positions: base + diff for "add", the values for "sparse"
-    originals: torch.Tensor | None  # the base entries at the positions (None for "sparse")
-    whole: bool = False  # a small tensor: values and originals are the whole tensor, patched and base
-
-    def holds_for(self, param: nn.Parameter | None, diff: SparseDiff) -> bool:
-        return param is self.param and param.data_ptr() == self.data_ptr and diff is self.diff
-
-
-class _Prepared(dict):
-    """name -> _Entry for every change of one patch on one model, built at its first apply."""
-
-    def nbytes(self) -> int:
-        """The memory the entries add beyond the patch (originals, device copies)."""
-        extra = 0
-        for e in self.values():  # a small tensor's base copy is shared by every patch: not counted
-            extra += e.originals.nbytes if e.originals is not None and not e.whole else 0
-            extra += 0 if e.positions is e.diff.positions else e.positions.nbytes
-            extra += 0 if e.values is e.diff.values else e.values.nbytes
-        return extra
-
-
-class _ModelState:
-    """What diffprune knows about one model between calls: cached fingerprints (one per set of
-    base parameter names), what the last apply not yet reverted wrote, and the patches prepared
-    for it (by id, dropped when the patch dies)."""
-
-    def __init__(self) -> None:
-        self.fingerprints: dict[tuple[str, ...], _Fingerprint] = {}
-        self.applied: _Written | None = None
-        self.prepared: dict[int, tuple[weakref.ref, _Prepared]] = {}
-        self.base_copies: dict[str, tuple[nn.Parameter, int, str, torch.Tensor]] = {}
-
-    def base_copy(self, name: str, p: nn.Parameter, base: str) -> torch.Tensor:
-        """A copy of a small tensor of the base with fingerprint `base`, shared by every patch
-        prepared on this model for that base. Taken right after a fingerprint check, kept for
-        this very parameter at this very memory."""
-        found = self.base_copies.get(name)
-        if found is None or found[0] is not p or found[1] != p.data_ptr() or found[2] != base:
-            found = self.base_copies[name] = (p, p.data_ptr(), base, p.detach().reshape(-1).clone())
-        return found[3]
-
-    def prepared_for(self, patch: TaskPatch) -> _Prepared:
-        key = id(patch)
-        found = self.prepared.get(key)
-        if found is not None and found[0]() is patch:
-            return found[1]
-        prepared = _Prepared()
-        self.prepared[key] = (weakref.ref(patch, lambda _, key=key: self.prepared.pop(key, None)), prepared)
-        return prepared
-
-    def fingerprint(self, params: dict[str, nn.Parameter]) -> _Fingerprint:
-        names, key = tuple(params), _key(params)
-        cached = self.fingerprints.get(names)
-        if cached is None or not cached.holds_for(key, params):
-            cached = _Fingerprint(names, key, [weakref.ref(p) for p in params.values()], fingerprint(params))
-            self.fingerprints[names] = cached
-        return cached
-
-    def reverted(self, applied: AppliedPatch, intact: bool) -> None:
-        if self.applied is applied._written:
-            self.applied = None
-        before = applied._fingerprint
-        if not intact or before is None or self.fingerprints.get(before.names) is not before:
-            return
-        # The patched tensors hold their pre-apply bits again: only their versions moved. Every
-        # other tensor keeps its pre-apply version in the key, so a change to one is still seen.
-        now = {n: p._version for n, p in applied._touched_base.items()}
-        key = tuple((*entry[:-1], now.get(entry[0], entry[-1])) for entry in before.key)
-        self.fingerprints[before.names] = _Fingerprint(before.names, key, before.refs, before.value)
-
-
-_STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
-
-
-def _state_of(model: nn.Module) -> _ModelState:
-    try:
-        return _STATES.setdefault(model, _ModelState())
-    except TypeError:  # a module that cannot be hashed or weakly referenced: nothing is cached
-        return _ModelState()
 
 
 class AppliedPatch:
@@ -169,22 +47,29 @@ class AppliedPatch:
     before reverting.
     """
 
-    def __init__(self, state: _ModelState | None = None, fingerprint: _Fingerprint | None = None) -> None:
+    def __init__(self, state: ModelState | None = None, fingerprint: Fingerprint | None = None) -> None:
         # (flat view, positions or None for the whole tensor, the original entries)
         self._undo: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._head: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._whole: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # small tensors: (flat, base copy)
+        self._compact: tuple[Prepared, tuple] | None = None  # what the kernel wrote; (entries, positions)
         self._touched_base: dict[str, nn.Parameter] = {}
-        self._written = _Written()
+        self._written = Written()
         self._state, self._fingerprint = state, fingerprint
         self._reverted = False
 
     def _seal(self) -> None:
         params = [*self._touched_base.values(), *(p for p, _ in self._head)]
-        self._written = _Written((p, p._version, p.data_ptr()) for p in params)
+        self._written = Written((p, p._version, p.data_ptr()) for p in params)
 
     def _restore(self) -> None:
         with torch.no_grad():
+            if self._compact is not None:
+                prepared, kept = self._compact
+                kernels().revert_add(prepared.flats.arrays, prepared.which, prepared.compact.table, *kept)
+                torch.autograd.graph.increment_version(list(prepared.touched.values()))
+                if self._state is not None:
+                    self._state.give_back(kept)
             if self._whole[0]:
                 torch._foreach_copy_(*self._whole)
             for flat, pos, original in reversed(self._undo):
@@ -213,14 +98,7 @@ class AppliedPatch:
             self.revert()
 
 
-def prepared_nbytes(patch: TaskPatch, model: nn.Module) -> int:
-    """The memory that applying `patch` to `model` keeps between applies (0 before the first)."""
-    state = _STATES.get(model)
-    found = state.prepared.get(id(patch)) if state is not None else None
-    return found[1].nbytes() if found is not None and found[0]() is patch else 0
-
-
-def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module, *, head: bool = True) -> AppliedPatch:
+def apply_patch(patch: TaskPatch | CompactPatch, target: BaseModel | nn.Module, *, head: bool = True) -> AppliedPatch:
     """Apply `patch` to `target` in place after checking that its base weights are the patch's base.
 
     head=False changes the base only and leaves the model's head as it is: for serving, where
@@ -233,11 +111,12 @@ def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module, *, head: bool =
         raise DiffpruneError(f"a patch applies to a BaseModel or a torch module, not a {type(target).__name__}")
     params = _named_parameters(model)
     base_params = _base_params(patch, params, target)
-    state = _state_of(model)
+    state = state_of(model)
     prepared = state.prepared_for(patch)
+    flats = state.flats(params)
     problems = []
-    if not _still_prepared(prepared, patch, params):
-        prepared.clear()
+    if not _still_prepared(prepared, patch, params, flats):
+        prepared.reset()
         problems = _diff_problems(patch, params, base_params)
     _refuse_misfit(patch, problems + (_head_problems(patch, params, target) if head else []))
     if state.applied is not None and state.applied.unchanged():
@@ -250,6 +129,8 @@ def apply_patch(patch: TaskPatch, target: BaseModel | nn.Module, *, head: bool =
             f" have fingerprint {found.value}: is it another base, or is a patch already applied to it?"
         )
     applied = AppliedPatch(state, found)
+    if not prepared.sources:
+        _plan(patch, prepared, flats)
     _write(patch, params, applied, prepared, head)
     state.applied = applied._written
     return applied
@@ -285,24 +166,37 @@ def _base_params(patch: TaskPatch, params: dict[str, nn.Parameter], target) -> d
     return {n: params[n] for n in target.base_names}
 
 
-def _still_prepared(prepared: _Prepared, patch: TaskPatch, params: dict[str, nn.Parameter]) -> bool:
-    """Whether the entries prepared at an earlier apply still stand for this patch on these very
-    parameters (then the fit was checked then, and nothing it depends on has changed)."""
-    if len(prepared) != len(patch.diffs):
+def _changes(patch: TaskPatch | CompactPatch) -> dict[str, object]:
+    """name -> the object whose identity stands for that change (a CompactPatch's whole form)."""
+    if isinstance(patch, CompactPatch):
+        return dict.fromkeys(patch.diffs.names, patch.diffs)
+    return patch.diffs
+
+
+def _still_prepared(prepared: Prepared, patch: TaskPatch | CompactPatch, params: dict[str, nn.Parameter],
+                    flats: Flats) -> bool:
+    """Whether what an earlier apply prepared still stands for this patch's very changes on these
+    very parameters (then the fit was checked then, and nothing it depends on has changed)."""
+    changes = _changes(patch)
+    if prepared.sources.keys() != changes.keys() or any(prepared.sources[n] is not d for n, d in changes.items()):
         return False
-    return all(e.holds_for(params.get(n), patch.diffs.get(n)) for n, e in prepared.items())
+    if prepared.compact is not None and prepared.flats is not flats:
+        return False
+    return all(e.holds_for(params.get(n)) for n, e in prepared.items())
 
 
-def _diff_problems(patch: TaskPatch, params: dict, base_params: dict) -> list[str]:
+def _diff_problems(patch: TaskPatch | CompactPatch, params: dict, base_params: dict) -> list[str]:
     """Every changed tensor is a base parameter of the same shape, contiguous."""
     problems = []
-    for name, d in patch.diffs.items():
+    shapes = patch.diffs.shapes_by_name() if isinstance(patch, CompactPatch) else {
+        n: d.shape for n, d in patch.diffs.items()}
+    for name, shape in shapes.items():
         if name not in params:
             problems.append(f"changes '{name}', which the model does not have")
         elif name not in base_params:
             problems.append(f"changes '{name}', which is part of the model's head, not of its base")
-        elif tuple(params[name].shape) != d.shape:
-            problems.append(f"changes '{name}' of shape {d.shape} but the model's is {tuple(params[name].shape)}")
+        elif tuple(params[name].shape) != shape:
+            problems.append(f"changes '{name}' of shape {shape} but the model's is {tuple(params[name].shape)}")
         elif not params[name].is_contiguous():
             problems.append(f"changes '{name}', which is not contiguous in the model's memory")
     return problems
@@ -331,13 +225,44 @@ def _refuse_misfit(patch: TaskPatch, problems: list[str]) -> None:
         raise DiffpruneError(f"patch {patch._label()} does not fit the model: it {problems[0]}{more}")
 
 
-def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPatch, prepared: _Prepared,
-           head: bool) -> None:
-    state = applied._state or _ModelState()
+def _plan(patch: TaskPatch | CompactPatch, prepared: Prepared, flats: Flats) -> None:
+    """Which changes the compact kernels write (every "add" change on a parameter they can
+    write, in one call) and which torch ops write, entry by entry (prepared on first use)."""
+    prepared.sources = dict(_changes(patch))
+    if isinstance(patch, CompactPatch):
+        fits = all(n in flats.writable for n in patch.diffs.names)
+        compact = patch.diffs if fits else None
+        prepared.by_torch = {} if fits else patch.diffs.sparse_diffs()
+    else:
+        add = {n: d for n, d in patch.diffs.items() if d.kind == ADD and n in flats.writable}
+        compact = CompactDiffs.of(add, torch.float16) if add else None  # float16 where that is exact
+        prepared.own_compact = compact is not None
+        prepared.by_torch = {n: d for n, d in patch.diffs.items() if n not in add}
+    if compact is not None:
+        prepared.compact, prepared.flats = compact, flats
+        prepared.which = np.array([flats.index[n] for n in compact.names], np.int64)
+        prepared.touched = {n: flats.params[flats.index[n]] for n in compact.names}
+
+
+def _write_compact(prepared: Prepared, applied: AppliedPatch, state: ModelState) -> None:
+    c = prepared.compact
+    kept = state.take_buffers(c.nnz)
+    kernels().apply_add(prepared.flats.arrays, prepared.which, c.stream, c.bits, c.code, value_table(), c.table,
+                        *kept)
+    torch.autograd.graph.increment_version(list(prepared.touched.values()))  # torch does not see numba write
+    applied._compact = (prepared, kept)
+    applied._touched_base.update(prepared.touched)
+
+
+def _write(patch: TaskPatch | CompactPatch, params: dict[str, nn.Parameter], applied: AppliedPatch,
+           prepared: Prepared, head: bool) -> None:
+    state = applied._state or ModelState()
     whole_flats, whole_values = applied._whole[0], []
     with torch.no_grad():
         try:
-            for name, d in patch.diffs.items():
+            if prepared.compact is not None:
+                _write_compact(prepared, applied, state)
+            for name, d in prepared.by_torch.items():
                 e = prepared.get(name) or prepared.setdefault(name, _prepare(params[name], d, state, name, patch.meta["fingerprint"]))
                 applied._touched_base[name] = e.param
                 if e.whole:
@@ -372,7 +297,7 @@ def _write(patch: TaskPatch, params: dict[str, nn.Parameter], applied: AppliedPa
 WHOLE_NUMEL = 16384
 
 
-def _prepare(p: nn.Parameter, d: SparseDiff, state: _ModelState, name: str, base: str) -> _Entry:
+def _prepare(p: nn.Parameter, d: SparseDiff, state: ModelState, name: str, base: str) -> Entry:
     """Called right after the fingerprint check (the model's base is `base`), so the entries
     read here are the base's."""
     flat = p.detach().view(-1)
@@ -385,8 +310,8 @@ def _prepare(p: nn.Parameter, d: SparseDiff, state: _ModelState, name: str, base
             patched.scatter_(0, pos, original.index_select(0, pos) + values)
         else:
             patched.index_fill_(0, pos, 0)
-        return _Entry(p, p.data_ptr(), d, flat, pos, patched, original, whole=True)
+        return Entry(p, p.data_ptr(), d, flat, pos, patched, original, whole=True)
     originals = None if d.kind == SPARSE else flat.index_select(0, pos)
     if d.kind == ADD:
         values = originals + values  # the very sum index_add_ would write, rounded the same way
-    return _Entry(p, p.data_ptr(), d, flat, pos, values, originals)
+    return Entry(p, p.data_ptr(), d, flat, pos, values, originals)
