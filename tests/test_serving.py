@@ -12,7 +12,9 @@ from conftest import tiny_bert
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
 from diffprune.patch import TaskPatch
-from diffprune.patch.apply import WHOLE_NUMEL, apply_patch
+from diffprune.patch.apply import apply_patch
+from diffprune.patch.compact import CompactDiffs, CompactPatch
+from diffprune.patch.kinds import SparseDiff
 from diffprune.serving import Engine, Request, TaskBank, UnknownTask
 from diffprune.serving.synthetic import random_patch
 
@@ -121,6 +123,32 @@ def test_every_kind_of_module_joins_a_mixed_batch(tmp_path, base, model_dir):
         assert torch.allclose(logits_of(predictions), per_task_logits(model_dir, patch, TEXTS), atol=1e-5), task
 
 
+def test_float16_patches_with_an_empty_change_mix_as_they_run_alone(tmp_path, base, model_dir):
+    """Values as the file stores them (float16, read through the kernels' table) and a change
+    with no entries (the word embeddings here): a mixed batch still equals each task alone."""
+    for i in range(3):
+        patch = random_patch(base, 0.05, 2 + i % 2, seed=20 + i, task=f"h{i}", scale=0.2)
+        first = next(iter(patch.diffs))
+        patch.diffs[first] = SparseDiff(patch.diffs[first].shape, torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+        patch.save(tmp_path / f"h{i}.safetensors")
+    engine = Engine(TaskBank(base, tmp_path))
+    requests = [Request(f"h{i}", TEXTS) for i in range(3)]
+    got = engine.run(requests)
+    assert engine.mixed_batches == 1 and engine.bank.get("h0").diffs.value_dtype == torch.float16
+    for request, predictions in zip(requests, got):
+        patch = TaskPatch.load(tmp_path / f"{request.task}.safetensors")
+        assert torch.allclose(logits_of(predictions), per_task_logits(model_dir, patch, TEXTS), atol=1e-5)
+
+
+def test_a_compact_form_an_embedding_cannot_be_looked_up_in_is_refused(base):
+    from diffprune.serving.mixed import MixedBatch
+
+    patch = random_patch(base, 0.05, 2, tensors=["bert.embeddings.word_embeddings.weight"])
+    bare = CompactDiffs.of(patch.diffs)  # built without checkpoints for the embedding
+    with pytest.raises(DiffpruneError, match="keeps no checkpoints for 'bert.embeddings.word_embeddings.weight'"):
+        MixedBatch(base.model, [bare, bare], torch.tensor([0, 1]))
+
+
 def test_registration_reads_headers_and_loads_on_first_use(folder, base):
     bank = TaskBank(base, folder)
     assert bank.names() == ["m", "t0", "t1", "t2", "t3"] and bank.loaded_names() == []
@@ -132,32 +160,32 @@ def test_registration_reads_headers_and_loads_on_first_use(folder, base):
 def test_the_memory_bound_lets_the_least_recently_used_leave(folder, base):
     bank = TaskBank(base, folder)
     one = bank.task_bytes(bank.get("t0"))
-    bank.memory_bytes = int(2.5 * one)
+    mask = bank.task_bytes(bank.get("m"))  # a mask patch is kept as its TaskPatch: larger
+    bank.memory_bytes = one + mask + one // 2  # room for t0 and m, not for t3 beside them
     for name in ("t0", "t3", "t0", "m"):  # t3 is now the least recently used
         bank.get(name)
     assert bank.loaded_names() == ["t0", "m"]
     assert bank.loaded_bytes() <= bank.memory_bytes
 
 
-def test_a_loaded_task_is_compact_until_it_is_switched(folder, base):
-    """A patch that can join mixed batches is kept as int32 positions and the file's values
-    (float16 here); its first switch builds the TaskPatch and prepares it, all counted."""
+def test_a_loaded_task_keeps_one_compact_form_that_switching_reads(folder, base):
+    """A patch that can join mixed batches is kept as gap-coded positions and the file's values
+    (float16 here), near its file's size; switching applies that very form, keeping only the
+    index of the tensors it writes. A mask patch is kept as its TaskPatch."""
     bank = TaskBank(base, folder)
-    task = bank.get("m")  # a mask patch: served by switching, its TaskPatch kept from the start
-    assert task.patch is not None
+    assert isinstance(bank.get("m").patch, TaskPatch)
     random_patch(base, 0.05, 2, seed=7, task="fp16").save(folder / "fp16.safetensors")
     bank.rescan()
     task = bank.get("fp16")
-    d = next(iter(task.diffs.values()))
-    assert task.patch is None and d.positions.dtype == torch.int32 and d.values.dtype == torch.float16
-    nnz = sum(d.nnz for d in task.diffs.values())
+    c = task.diffs
+    assert isinstance(task.patch, CompactPatch) and c.value_dtype == torch.float16
     before = bank.task_bytes(task)
-    assert before == 6 * nnz + sum(t.nbytes for t in task.head.values())
+    head = sum(t.nbytes for t in task.head.values())
+    assert before == c.stream.nbytes + c.bits.nbytes + c.table.nbytes + c.checks.nbytes + head
+    assert c.bits.nbytes == 2 * c.nnz and c.stream.nbytes < 1.5 * c.nnz
+    assert before <= 1.2 * (folder / "fp16.safetensors").stat().st_size
     Engine(bank).run([Request("fp16", TEXTS)])
-    # the TaskPatch (int64 positions, float32 values); what switching prepared: for large tensors
-    # the original entries and base + diff, for small ones the whole patched tensor
-    kept = sum(4 * d.numel if d.numel <= WHOLE_NUMEL else 8 * d.nnz for d in task.patch.diffs.values())
-    assert bank.task_bytes(task) == before + 12 * nnz + kept
+    assert bank.task_bytes(task) == before + 8 * len(c.names)
 
 
 def test_patches_are_added_and_removed_while_serving(folder, base, tmp_path_factory):

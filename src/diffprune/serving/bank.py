@@ -23,11 +23,12 @@ import torch
 
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError, first_line
-from diffprune.patch.apply import prepared_nbytes
+from diffprune.patch.model_state import prepared_nbytes
+from diffprune.patch.compact import CompactDiffs, CompactPatch
 from diffprune.patch.format import VALUE_DTYPES
 from diffprune.patch.taskpatch import TaskPatch
 from diffprune.serving.heads import head_kind, head_problem
-from diffprune.serving.mixed import CompactDiff, mix_problem
+from diffprune.serving.mixed import looked_up, mix_problem
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RUN_PATCH = "patch.safetensors"
@@ -58,12 +59,12 @@ class Registered:
 @dataclass
 class LoadedTask:
     """A patch read whole, with what serving needs of it. A patch that can join mixed batches is
-    kept compact (CompactDiff: int32 positions, the file's value dtype); its TaskPatch, which
-    switching applies, is built again on the first switch and then kept with the task."""
+    kept in one compact form (CompactPatch: gap-coded positions, the file's value dtype), which
+    mixed batches and switching both read; any other is kept as its TaskPatch."""
 
     name: str
-    diffs: dict  # name -> CompactDiff (mixable) or SparseDiff (served by switching only)
-    head: dict[str, torch.Tensor]
+    patch: CompactPatch | TaskPatch  # what switching applies
+    head: dict[str, torch.Tensor]  # on the model's device
     meta: dict
     num_outputs: int
     labels: list[str]
@@ -71,21 +72,19 @@ class LoadedTask:
     max_length: int
     mix_problem: str | None  # why it cannot join a mixed batch (None: it can)
     head_kind: str = "model"
-    patch: TaskPatch | None = None  # for switching; None until the first switch of a compact task
 
-    def switch_patch(self) -> TaskPatch:
-        if self.patch is None:
-            diffs = {n: d.widened() if isinstance(d, CompactDiff) else d for n, d in self.diffs.items()}
-            self.patch = TaskPatch(diffs, {n: t.cpu() for n, t in self.head.items()}, self.meta)
-        return self.patch
+    @property
+    def diffs(self) -> CompactDiffs | dict:
+        return self.patch.diffs
 
     def nbytes(self) -> int:
-        """The bytes of its tensors (a TaskPatch built for switching included)."""
-        total = sum(d.positions.nbytes + d.values.nbytes for d in self.diffs.values())
-        total += sum(t.nbytes for t in self.head.values())
-        if self.patch is not None and self.patch.diffs is not self.diffs:
-            total += sum(d.positions.nbytes + d.values.nbytes for d in self.patch.diffs.values())
-        return total
+        """The bytes of every array and tensor it holds (its head included)."""
+        if isinstance(self.patch, CompactPatch):
+            total = self.patch.diffs.nbytes
+        else:
+            total = sum(d.positions.nbytes + d.values.nbytes for d in self.patch.diffs.values())
+        heads = {id(t): t for t in (*self.head.values(), *self.patch.head.values())}  # each tensor once
+        return total + sum(t.nbytes for t in heads.values())
 
 
 class TaskBank:
@@ -195,7 +194,7 @@ class TaskBank:
         return sum(self.task_bytes(t) for t in tasks)
 
     def task_bytes(self, task: LoadedTask) -> int:
-        return task.nbytes() + (prepared_nbytes(task.patch, self.base.model) if task.patch is not None else 0)
+        return task.nbytes() + prepared_nbytes(task.patch, self.base.model)
 
     def _evict(self, keep: str) -> None:
         total = sum(self.task_bytes(t) for t in self._loaded.values())
@@ -263,12 +262,12 @@ class TaskBank:
         head = {n: t.to(device) for n, t in patch.head.items()}
         limit = self.base.max_positions() or DEFAULT_MAX_LENGTH
         length = min(int(meta.get("max_seq_length") or DEFAULT_MAX_LENGTH), limit)
-        mixing = mix_problem(patch.diffs, self._modules)
+        mixing = mix_problem({n: d.kind for n, d in patch.diffs.items()}, self._modules)
         if mixing is None:
             dtype = VALUE_DTYPES.get(patch._value_dtype or "float32", torch.float32)
-            diffs = {n: CompactDiff.of(d, dtype) for n, d in patch.diffs.items()}
-            return LoadedTask(reg.name, diffs, head, meta, num, labels, regression, length, None, kind)
-        return LoadedTask(reg.name, patch.diffs, head, meta, num, labels, regression, length, mixing, kind, patch)
+            diffs = CompactDiffs.of(patch.diffs, dtype, looked_up(patch.diffs, self._modules))
+            patch = CompactPatch(diffs, head, meta, reg.name)
+        return LoadedTask(reg.name, patch, head, meta, num, labels, regression, length, mixing, kind)
 
 
 def _read_meta(path: Path) -> dict:

@@ -73,7 +73,7 @@ class Engine:
         with torch.no_grad():
             if len(slots) == 1:
                 self.switches += 1
-                with apply_patch(slots[0].switch_patch(), base, head=False):
+                with apply_patch(slots[0].patch, base, head=False):
                     logits = forward_with_heads(base, heads, kinds, row_slots, encoded)
             else:
                 self.mixed_batches += 1
