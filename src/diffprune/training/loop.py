@@ -106,12 +106,9 @@ def _optimizer_for(acc: Accelerator, phase: Phase, groups: list, total: int, res
 
 
 def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None) -> Progress:
-    acc = ctx.accelerator
     progress = resume.progress if resume else Progress()
     clock = time.perf_counter() - progress.seconds
-    steps_per_epoch = math.ceil(len(ctx.train_set) / ctx.batch_size)
     best = resume.best if resume else None
-
     for index, phase in enumerate(phases):
         if index < progress.phase:
             continue
@@ -123,83 +120,115 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
             best = None
             if phase.on_start:
                 phase.on_start()
-        groups = phase.param_groups()
-        trained = [p for g in groups for p in g.params]
-        total = phase.total_steps(steps_per_epoch)
-        optimizer, scheduler = _optimizer_for(acc, phase, groups, total, resume if resuming else None)
-
-        def checkpoint() -> None:
-            progress.seconds = time.perf_counter() - clock
-            state = ctx.trainable_state()
-            # The steps' check covers the trained parameters; this one also the state beside them
-            # (e.g. the controller's penalty weight), so no checkpoint ever holds a non-finite value.
-            bad = non_finite(state)
-            if everyone_agrees(acc, bad is not None):
-                raise TrainingDiverged(divergence(f"{bad or 'a trained tensor'} is not finite",
-                                                  progress.global_step, phase.name, ctx.output))
-            rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-            if acc.is_main_process:
-                save_checkpoint(ctx.output, progress, state, best, optimizer, scheduler, rngs, scaler=acc.scaler)
-                ctx.logger.flush()
-            acc.wait_for_everyone()
-
-        def evaluate() -> None:
-            nonlocal best
-            metrics = ctx.evaluate()
-            epoch = progress.phase_step / steps_per_epoch
-            progress.evals.append({"phase": phase.name, "epoch": round(epoch, 4), "step": progress.global_step, **metrics})
-            ctx.logger.log(progress.global_step, phase.name, epoch, {f"dev_{k}": v for k, v in metrics.items()})
-            if acc.is_local_main_process:  # tqdm.write prints even where the bar is disabled
-                bar.write(f"[{phase.name}] epoch {epoch:.2f}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if phase.keep_best and (progress.best_score is None or metrics["score"] > progress.best_score):
-                progress.best_score, progress.best_step = metrics["score"], progress.global_step
-                best = {k: v.detach().to("cpu", copy=True) for k, v in ctx.trainable_state().items()}
-
-        bar = tqdm(total=total, initial=progress.phase_step, desc=phase.name, disable=not acc.is_local_main_process,
-                   dynamic_ncols=True)
-        ctx.model.train()
-        while progress.phase_step < total and not phase.stopped():
-            epoch, start = divmod(progress.phase_step, steps_per_epoch)
-            batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, index, epoch, ctx.lengths)[start:]
-            shares = [shard_with_weight(b, acc) for b in batches]
-            loader = DataLoader(ctx.train_set, batch_sampler=[mine for mine, _ in shares],
-                                collate_fn=ctx.collator, generator=torch.Generator())
-            for (_, weight), batch in zip(shares, loader):
-                step = progress.global_step + 1
-                try:
-                    terms, stepped = train_step(acc, ctx.model, phase, groups, optimizer, scheduler, batch,
-                                                weight, ctx.max_grad_norm)
-                    progress.phase_step += 1
-                    progress.global_step += 1
-                    if phase.after_step and stepped:
-                        phase.after_step(progress.phase_step, total)
-                    check_weights(acc, trained)  # after after_step, which may move weights too
-                except FloatingPointError as e:
-                    raise TrainingDiverged(divergence(str(e), step, phase.name, ctx.output)) from None
-                bar.update(1)
-                if progress.global_step % ctx.log_every == 0 or progress.phase_step == total:
-                    terms = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
-                    bar.set_postfix_str(loss_summary(terms))
-                    terms["lr"] = scheduler.get_last_lr()[0]
-                    terms.update(phase.metrics() if phase.metrics else {})
-                    ctx.logger.log(progress.global_step, phase.name, progress.phase_step / steps_per_epoch, terms)
-                stop = phase.stopped()  # the phase's own stop rule (e.g. a sparsity reached)
-                epoch_done = progress.phase_step % steps_per_epoch == 0 or progress.phase_step == total or stop
-                if epoch_done:
-                    evaluate()
-                    ctx.model.train()
-                if epoch_done or (ctx.checkpoint_every and progress.global_step % ctx.checkpoint_every == 0):
-                    checkpoint()
-                if progress.phase_step == total or stop:
-                    break
-        bar.close()
-        if acc.num_processes > 1:
-            check_replicas(acc, ctx.trainable_state(), phase.name)
-        if phase.keep_best and best is not None:
-            ctx.load_trainable_state(best)
+        best = _PhaseRun(ctx, phase, progress, best, clock, resume if resuming else None).run()
         resume = None
     progress.seconds = time.perf_counter() - clock
     return progress
+
+
+class _PhaseRun:
+    """One phase of a run: its optimiser, its steps, dev evaluations, best-keeping, checkpoints."""
+
+    def __init__(self, ctx: LoopContext, phase: Phase, progress: Progress, best: dict | None, clock: float,
+                 resume: Checkpoint | None) -> None:
+        self.ctx, self.acc, self.phase, self.progress, self.best, self.clock = (
+            ctx, ctx.accelerator, phase, progress, best, clock)
+        self.steps_per_epoch = math.ceil(len(ctx.train_set) / ctx.batch_size)
+        self.groups = phase.param_groups()
+        self.trained = [p for g in self.groups for p in g.params]
+        self.total = phase.total_steps(self.steps_per_epoch)
+        self.optimizer, self.scheduler = _optimizer_for(self.acc, phase, self.groups, self.total, resume)
+        self.bar = tqdm(total=self.total, initial=progress.phase_step, desc=phase.name,
+                        disable=not self.acc.is_local_main_process, dynamic_ncols=True)
+
+    def run(self) -> dict[str, torch.Tensor] | None:
+        """Train to the phase's end or its stop rule; returns the best state kept (if any)."""
+        progress, phase = self.progress, self.phase
+        self.ctx.model.train()
+        while progress.phase_step < self.total and not phase.stopped():
+            for weight, batch in self._rest_of_epoch():
+                self._step(batch, weight)
+                stop = phase.stopped()  # the phase's own stop rule (e.g. a sparsity reached)
+                epoch_done = progress.phase_step % self.steps_per_epoch == 0 or progress.phase_step == self.total or stop
+                if epoch_done:
+                    self._evaluate()
+                    self.ctx.model.train()
+                every = self.ctx.checkpoint_every
+                if epoch_done or (every and progress.global_step % every == 0):
+                    self._checkpoint()
+                if progress.phase_step == self.total or stop:
+                    break
+        self.bar.close()
+        if self.acc.num_processes > 1:
+            check_replicas(self.acc, self.ctx.trainable_state(), phase.name)
+        if phase.keep_best and self.best is not None:
+            self.ctx.load_trainable_state(self.best)
+        return self.best
+
+    def _rest_of_epoch(self):
+        """(loss weight, batch) of this process for the current epoch's remaining steps."""
+        ctx = self.ctx
+        epoch, start = divmod(self.progress.phase_step, self.steps_per_epoch)
+        batches = epoch_order(len(ctx.train_set), ctx.batch_size, ctx.seed, self.progress.phase, epoch,
+                              ctx.lengths)[start:]
+        shares = [shard_with_weight(b, self.acc) for b in batches]
+        loader = DataLoader(ctx.train_set, batch_sampler=[mine for mine, _ in shares], collate_fn=ctx.collator,
+                            generator=torch.Generator())
+        return ((weight, batch) for (_, weight), batch in zip(shares, loader))
+
+    def _step(self, batch: dict[str, torch.Tensor], weight: float) -> None:
+        progress, phase = self.progress, self.phase
+        step = progress.global_step + 1
+        try:
+            terms, stepped = train_step(self.acc, self.ctx.model, phase, self.groups, self.optimizer, self.scheduler,
+                                        batch, weight, self.ctx.max_grad_norm)
+            progress.phase_step += 1
+            progress.global_step += 1
+            if phase.after_step and stepped:
+                phase.after_step(progress.phase_step, self.total)
+            check_weights(self.acc, self.trained)  # after after_step, which may move weights too
+        except FloatingPointError as e:
+            raise TrainingDiverged(divergence(str(e), step, phase.name, self.ctx.output)) from None
+        self.bar.update(1)
+        if progress.global_step % self.ctx.log_every == 0 or progress.phase_step == self.total:
+            self._log(terms)
+
+    def _log(self, terms: dict[str, torch.Tensor]) -> None:
+        values = {k: self.acc.reduce(v, "mean").item() for k, v in terms.items()}
+        self.bar.set_postfix_str(loss_summary(values))
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        values.update(self.phase.metrics() if self.phase.metrics else {})
+        self.ctx.logger.log(self.progress.global_step, self.phase.name,
+                            self.progress.phase_step / self.steps_per_epoch, values)
+
+    def _checkpoint(self) -> None:
+        ctx, acc, progress = self.ctx, self.acc, self.progress
+        progress.seconds = time.perf_counter() - self.clock
+        state = ctx.trainable_state()
+        # The steps' check covers the trained parameters; this one also the state beside them
+        # (e.g. the controller's penalty weight), so no checkpoint ever holds a non-finite value.
+        bad = non_finite(state)
+        if everyone_agrees(acc, bad is not None):
+            raise TrainingDiverged(divergence(f"{bad or 'a trained tensor'} is not finite",
+                                              progress.global_step, self.phase.name, ctx.output))
+        rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        if acc.is_main_process:
+            save_checkpoint(ctx.output, progress, state, self.best, self.optimizer, self.scheduler, rngs,
+                            scaler=acc.scaler)
+            ctx.logger.flush()
+        acc.wait_for_everyone()
+
+    def _evaluate(self) -> None:
+        progress, name = self.progress, self.phase.name
+        metrics = self.ctx.evaluate()
+        epoch = progress.phase_step / self.steps_per_epoch
+        progress.evals.append({"phase": name, "epoch": round(epoch, 4), "step": progress.global_step, **metrics})
+        self.ctx.logger.log(progress.global_step, name, epoch, {f"dev_{k}": v for k, v in metrics.items()})
+        if self.acc.is_local_main_process:  # tqdm.write prints even where the bar is disabled
+            self.bar.write(f"[{name}] epoch {epoch:.2f}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.phase.keep_best and (progress.best_score is None or metrics["score"] > progress.best_score):
+            progress.best_score, progress.best_step = metrics["score"], progress.global_step
+            self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.ctx.trainable_state().items()}
 
 
 def loss_summary(terms: dict[str, float]) -> str:
