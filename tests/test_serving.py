@@ -149,6 +149,23 @@ def test_a_compact_form_an_embedding_cannot_be_looked_up_in_is_refused(base):
         MixedBatch(base.model, [bare, bare], torch.tensor([0, 1]))
 
 
+def test_moving_the_base_to_huge_pages_keeps_every_parameter_and_bit(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from diffprune.base import fingerprint
+    from diffprune.serving.pages import move_to_huge_pages
+
+    own = load_base(str(model_dir), 2)
+    params = dict(own.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    if move_to_huge_pages(own.model):  # False where the system gives no such advice
+        storages = [p.untyped_storage().data_ptr() for p in params.values()]
+        assert len(set(storages)) == len(storages)  # each its own storage, as safetensors needs
+    assert all(p is params[n] and torch.equal(p, before[n]) for n, p in own.model.named_parameters())
+    assert fingerprint(own.base_parameters()) == own.fingerprint
+    save_file({n: p.detach() for n, p in params.items()}, str(tmp_path / "w.safetensors"))
+
+
 def test_registration_reads_headers_and_loads_on_first_use(folder, base):
     bank = TaskBank(base, folder)
     assert bank.names() == ["m", "t0", "t1", "t2", "t3"] and bank.loaded_names() == []

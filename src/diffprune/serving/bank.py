@@ -29,6 +29,7 @@ from diffprune.patch.format import VALUE_DTYPES
 from diffprune.patch.taskpatch import TaskPatch
 from diffprune.serving.heads import head_kind, head_problem
 from diffprune.serving.mixed import looked_up, mix_problem
+from diffprune.serving.pages import move_to_huge_pages
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RUN_PATCH = "patch.safetensors"
@@ -98,6 +99,7 @@ class TaskBank:
         base.model.eval()
         for p in base.model.parameters():
             p.requires_grad_(False)
+        move_to_huge_pages(base.model)  # switching writes at random places in it (pages.py)
         self._modules = dict(base.model.named_modules())
         self._lock = threading.RLock()
         self._registered: dict[str, Registered] = {}

@@ -27,7 +27,7 @@ from diffprune.patch.compact_kernels import next_position
 if "NUMBA_THREADING_LAYER" not in os.environ:  # threads that sleep between calls, beside torch's
     nb.config.THREADING_LAYER = "workqueue"
 LOCK = threading.Lock()  # numba's workqueue pool takes one parallel call at a time
-TILE = 16  # tokens per tile: one 64-byte vector of float32, a cache line per transposed row
+TILE = 64  # tokens per tile: a transposed row is four 64-byte vectors, the tile stays in L1 / L2
 JIT = dict(nogil=True, cache=True)
 PARALLEL = dict(parallel=True, fastmath={"contract"}, **JIT)
 
@@ -61,34 +61,85 @@ def _entries(stream, bits, code, lut, table, t, width):
 
 
 @nb.njit(**PARALLEL)
-def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables, lut):
+def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables, lut, scratch):
     """y (rows, tokens, out) += each row's task's weight delta times x (rows, tokens, in), plus
-    its bias delta; weight_t[s] / bias_t[s]: the tensor of slot s's task (-1: unchanged)."""
+    its bias delta; weight_t[s] / bias_t[s]: the tensor of slot s's task (-1: unchanged).
+    scratch: a row per thread of (in + out) * TILE floats for the transposed tiles."""
     tokens, n_in, n_out = x.shape[1], x.shape[2], y.shape[2]
     for b in nb.prange(x.shape[0]):
         s = row_slots[b]
         if weight_t[s] >= 0:
             outs, ins, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], weight_t[s], n_in)
-            xt, yt = np.empty((n_in, TILE), np.float32), np.empty((n_out, TILE), np.float32)
+            mine = scratch[nb.get_thread_id()]
+            xt = mine[: n_in * TILE].reshape((n_in, TILE))
+            yt = mine[n_in * TILE: (n_in + n_out) * TILE].reshape((n_out, TILE))
             for t0 in range(0, tokens, TILE):
                 m = min(TILE, tokens - t0)
-                xt[:, m:] = 0
-                for j in range(m):
-                    for i in range(n_in):
-                        xt[i, j] = x[b, t0 + j, i]
+                _transpose_into(x[b], xt, t0, m)
                 yt[:] = 0
                 for e in range(outs.size):
                     o, i, v = outs[e], ins[e], w[e]
                     for j in range(TILE):
                         yt[o, j] += v * xt[i, j]
-                for j in range(m):
-                    for o in range(n_out):
-                        y[b, t0 + j, o] += yt[o, j]
+                _add_transposed(yt, y[b], t0, m)
         if bias_t[s] >= 0:  # a vector: as a matrix one row wide, its columns are the positions
             _, outs, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], bias_t[s], n_out)
             for t in range(tokens):
                 for e in range(w.size):
                     y[b, t, outs[e]] += w[e]
+
+
+@nb.njit(inline="always", **JIT)
+def _transpose_into(xb, xt, t0, m):
+    """xt[i, j] = xb[t0 + j, i] for the tile's m tokens (zero beyond them). Blocks of 16
+    features by a whole tile, loops of fixed length that LLVM vectorises: 2 to 4x a plain loop."""
+    n = xb.shape[1]
+    full = n - n % 16
+    if m == TILE:
+        for i0 in range(0, full, 16):
+            for j in range(TILE):
+                for i in range(16):
+                    xt[i0 + i, j] = xb[t0 + j, i0 + i]
+    else:
+        xt[:, m:] = 0
+        for i0 in range(0, full, 16):
+            for j in range(m):
+                for i in range(16):
+                    xt[i0 + i, j] = xb[t0 + j, i0 + i]
+    for i in range(full, n):
+        for j in range(m):
+            xt[i, j] = xb[t0 + j, i]
+
+
+@nb.njit(inline="always", **JIT)
+def _add_transposed(yt, yb, t0, m):
+    """yb[t0 + j, o] += yt[o, j] for the tile's m tokens, in blocks of 16 outputs."""
+    n = yb.shape[1]
+    full = n - n % 16
+    if m == TILE:
+        for o0 in range(0, full, 16):
+            for j in range(TILE):
+                for o in range(16):
+                    yb[t0 + j, o0 + o] += yt[o0 + o, j]
+    else:
+        for o0 in range(0, full, 16):
+            for j in range(m):
+                for o in range(16):
+                    yb[t0 + j, o0 + o] += yt[o0 + o, j]
+    for o in range(full, n):
+        for j in range(m):
+            yb[t0 + j, o] += yt[o, j]
+
+
+_SCRATCH = [np.empty((0, 0), np.float32)]
+
+
+def scratch(floats: int) -> np.ndarray:
+    """A row of `floats` per numba thread, kept between calls (fresh pages would cost a fault
+    each 4 KiB on every call); taken under LOCK, as the kernels run one at a time."""
+    if _SCRATCH[0].shape[1] < floats:
+        _SCRATCH[0] = np.empty((nb.config.NUMBA_NUM_THREADS, floats), np.float32)
+    return _SCRATCH[0]
 
 
 @nb.njit(**PARALLEL)
@@ -122,7 +173,9 @@ def embedding_delta(ids, y, row_slots, weight_t, streams, bits, codes, tables, c
                 e += 1
 
 
-@nb.njit(**PARALLEL)
+# The norm's sums may be reassociated (added in vector lanes): 2 to 3x faster, the same to float
+# rounding; no other fast-math licence, so NaN and infinities still propagate.
+@nb.njit(parallel=True, fastmath={"contract", "reassoc"}, **JIT)
 def norm_delta(x, y, eps, row_slots, weight_t, bias_t, streams, bits, codes, tables, lut):
     """y = LayerNorm(x) (rows, tokens, dim) gets each row's task's weight delta times the
     normalised input and its bias delta added."""
@@ -132,16 +185,17 @@ def norm_delta(x, y, eps, row_slots, weight_t, bias_t, streams, bits, codes, tab
         if weight_t[s] >= 0:
             _, cols, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], weight_t[s], dim)
             for t in range(tokens):
+                xbt = x[b, t]
                 mean = 0.0
                 for i in range(dim):
-                    mean += x[b, t, i]
+                    mean += xbt[i]
                 mean /= dim
                 var = 0.0
                 for i in range(dim):
-                    var += (x[b, t, i] - mean) ** 2
+                    var += (xbt[i] - mean) * (xbt[i] - mean)
                 scale = 1.0 / np.sqrt(var / dim + eps)
                 for e in range(w.size):
-                    y[b, t, cols[e]] += w[e] * ((x[b, t, cols[e]] - mean) * scale)
+                    y[b, t, cols[e]] += w[e] * ((xbt[cols[e]] - mean) * scale)
         if bias_t[s] >= 0:
             _, cols, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], bias_t[s], dim)
             for t in range(tokens):
@@ -171,10 +225,11 @@ def _list(arrays: list[np.ndarray], dtype, ndim: int):
     return out
 
 
-def run(kernel, *args) -> None:
-    """Call a parallel kernel on as many threads as torch uses."""
+def run(kernel, *args, scratch_floats: int = 0) -> None:
+    """Call a parallel kernel on as many threads as torch uses (with a scratch row per thread
+    of `scratch_floats` as its last argument, if asked)."""
     import torch
 
     with LOCK:
         nb.set_num_threads(min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
-        kernel(*args)
+        kernel(*args, *((scratch(scratch_floats),) if scratch_floats else ()))

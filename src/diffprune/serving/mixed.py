@@ -21,6 +21,7 @@ equal those of the patch applied in place up to float rounding (tests: within 1e
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -31,6 +32,14 @@ from diffprune.errors import DiffpruneError
 from diffprune.patch.compact import CompactDiffs
 from diffprune.patch.kinds import ADD, SparseDiff
 from diffprune.serving import mixed_torch
+
+# compact form -> the model it was found mixable on (checking costs more than a layer's delta).
+_CHECKED: weakref.WeakKeyDictionary[CompactDiffs, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _dead() -> None:
+    return None
+
 
 # The modules whose changes can be added per row, and which of their parameters.
 MIXABLE = {nn.Linear: ("weight", "bias"), nn.Embedding: ("weight",), nn.LayerNorm: ("weight", "bias")}
@@ -70,9 +79,12 @@ class MixedBatch:
         self.slots: list[CompactDiffs] = []
         for s, slot in enumerate(diffs):
             compact = isinstance(slot, CompactDiffs)
-            problem = mix_problem(slot.kinds() if compact else {n: d.kind for n, d in slot.items()}, modules)
-            if problem:
-                raise DiffpruneError(f"task slot {s} cannot join a mixed batch: {problem}")
+            if not (compact and _CHECKED.get(slot, _dead)() is model):  # a bank's tasks: checked once
+                problem = mix_problem(slot.kinds() if compact else {n: d.kind for n, d in slot.items()}, modules)
+                if problem:
+                    raise DiffpruneError(f"task slot {s} cannot join a mixed batch: {problem}")
+            if compact:
+                _CHECKED[slot] = weakref.ref(model)
             self.slots.append(slot if compact else CompactDiffs.of(slot, torch.float32, looked_up(slot, modules)))
         # path -> local name -> the tensor index of that change in every slot's form (-1: none)
         self.changed: dict[str, dict[str, np.ndarray]] = {}
@@ -145,7 +157,8 @@ class MixedBatch:
         y, a = out.contiguous(), self.arrays()
         kernel.run(kernel.linear_delta, x.contiguous().view(self.batch, -1, m.in_features).numpy(),
                    y.view(self.batch, -1, m.out_features).numpy(), self._rows, changed.get("weight", self._none),
-                   changed.get("bias", self._none), a.streams, a.bits, a.codes, a.tables, a.lut)
+                   changed.get("bias", self._none), a.streams, a.bits, a.codes, a.tables, a.lut,
+                   scratch_floats=(m.in_features + m.out_features) * kernel.TILE)
         return y
 
     def _layer_norm(self, m: nn.LayerNorm, x: torch.Tensor, out: torch.Tensor, path: str,
