@@ -3,7 +3,8 @@
 On the packaged all-MiniLM-L6-v2, with random 0.5% "add" patches (serving cost depends on how
 many entries a patch changes and where, not on what was learned: diffprune.serving.synthetic):
 
-* apply_revert: apply + revert of one patch by switching (median of --repeats);
+* apply_revert: apply + revert of one patch by switching (median of --repeats): as the task bank
+  holds it (the compact form of its file: fp16 values), and as a TaskPatch in memory (fp32);
 * mixed: one forward of a batch of R rows over T tasks (--mixed-shapes, 64 tokens a row) with
   every row's own delta and head, against the bare base on the same batch and PEFT's mixed LoRA
   batches (r 8 on query and value, `adapter_names=`), alternated call by call, medians;
@@ -77,19 +78,31 @@ def median_ms(times: list[float]) -> float:
 
 # -- measures --------------------------------------------------------------------------------------
 def apply_revert(base, density: float, repeats: int) -> dict:
+    """A patch as a server switches it (saved with fp16 values, loaded by a TaskBank: its compact
+    form) and the same patch as a TaskPatch in memory (fp32 values), timed alternately."""
     from diffprune.patch.apply import apply_patch
     from diffprune.serving.synthetic import random_patch
 
     patch = random_patch(base, density, 2)
+    with tempfile.TemporaryDirectory() as folder:
+        patch.save(Path(folder) / "t.safetensors")
+        from diffprune.serving import TaskBank
+
+        served = TaskBank(base, folder).get("t").patch
+    runs = {"served": lambda: apply_patch(served, base, head=False).revert(),
+            "taskpatch": lambda: apply_patch(patch, base, head=False).revert()}
+    times = {k: [] for k in runs}
     for _ in range(20):
-        apply_patch(patch, base, head=False).revert()
-    times = []
+        for fn in runs.values():
+            fn()
     for _ in range(repeats):
-        start = time.perf_counter()
-        apply_patch(patch, base, head=False).revert()
-        times.append(time.perf_counter() - start)
-    return {"nnz": patch.nnz, "apply_revert_ms": median_ms(times),
-            "p90_ms": round(1e3 * sorted(times)[int(0.9 * len(times))], 4), "goal_ms": 1.0}
+        for k, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {"nnz": patch.nnz, "apply_revert_ms": median_ms(times["served"]),
+            "p90_ms": round(1e3 * sorted(times["served"])[int(0.9 * repeats)], 4),
+            "taskpatch_apply_revert_ms": median_ms(times["taskpatch"]), "goal_ms": 1.0}
 
 
 def batch_of(base, rows: int, tokens: int = 64) -> dict:
@@ -150,7 +163,7 @@ def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
                 fn()
                 times[k].append(time.perf_counter() - start)
     ms = {k: median_ms(v) for k, v in times.items()}
-    return {"tasks": tasks, "rows": rows, "tokens": 64, "nnz_per_task": sum(d.nnz for d in loaded[0].diffs.values()),
+    return {"tasks": tasks, "rows": rows, "tokens": 64, "nnz_per_task": loaded[0].diffs.nnz,
             **{f"{k}_ms": v for k, v in ms.items()},
             "diffprune_vs_bare": round(ms["bare"] / ms["diffprune"], 4),
             "peft_lora_vs_bare": round(ms["bare"] / ms["peft_lora"], 4), "goal_vs_bare": 0.95}

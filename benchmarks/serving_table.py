@@ -20,6 +20,10 @@ def load_note(r: dict) -> str:
     return f"{r['loadavg'][0]:.2f}" + (" (contended)" if r.get("contended") else "")
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms"
+
+
 def table(rows: list[dict]) -> str:
     if not rows:
         return "No records yet: run `python benchmarks/serving.py`."
@@ -28,10 +32,13 @@ def table(rows: list[dict]) -> str:
            "Load: the 1-minute load average at the start of the measure; above 0.5 other work shared the cores.",
            ""]
     if latest(rows, "apply_revert"):
-        out += ["Switching: apply + revert of one patch (goal ≤ 1 ms).", "",
-                "| entries | apply + revert (median) | p90 | threads | load |", "|---|---|---|---|---|"]
-        out += [f"| {r['nnz']:,} | {r['apply_revert_ms']:.3f} ms | {r['p90_ms']:.3f} ms | {r['options']['threads']} | "
-                f"{load_note(r)} |" for r in latest(rows, "apply_revert")]
+        out += ["Switching: apply + revert of one patch (goal ≤ 1 ms), as the task bank holds it (the compact "
+                "form of its file); beside it the same patch as a TaskPatch in memory (fp32 values), timed "
+                "alternately (records before the compact form timed the TaskPatch only).", "",
+                "| entries | apply + revert (median) | p90 | TaskPatch | threads | load |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['nnz']:,} | {r['apply_revert_ms']:.3f} ms | {r['p90_ms']:.3f} ms | "
+                f"{_ms(r.get('taskpatch_apply_revert_ms'))} | {r['options']['threads']} | {load_note(r)} |"
+                for r in latest(rows, "apply_revert")]
         out.append("")
     if latest(rows, "mixed"):
         out += ["Mixed-task batches of 64-token rows, one forward (throughput against the bare base on the same "
@@ -43,10 +50,12 @@ def table(rows: list[dict]) -> str:
                 f"{r['options']['repeats']} | {load_note(r)} |" for r in latest(rows, "mixed")]
         out.append("")
     if latest(rows, "memory"):
-        out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x), the bytes of its "
-                "tensors. Loaded: what mixed batches read (int32 positions, the file's fp16 values, the head); "
-                "after switching: plus the TaskPatch that switching applies (int64 positions, fp32 values) and "
-                "what it prepared (original entries and base + diff; small tensors whole).", "",
+        out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x), the bytes of every "
+                "array and tensor the bank holds for it. Loaded: the compact form that mixed batches and "
+                "switching both read (gap-coded positions, the file's fp16 values, per-tensor table, embedding "
+                "checkpoints, the head); after switching: plus what switching keeps per task (the index of the "
+                "tensors it writes). Records before the compact form held int32 positions for mixed batches and "
+                "a TaskPatch plus prepared entries for switching.", "",
                 "| tasks | file | loaded | ratio | after switching | ratio | load |",
                 "|---|---|---|---|---|---|---|"]
         out += [f"| {r['tasks']} | {r['file_bytes']:,} B | {r['bank_bytes_mixed']:,} B | {r['mixed_vs_file']:.2f}x | "
