@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import diffprune
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -128,6 +131,14 @@ def peak_rss_of(method: str, phase_index: int, steps: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
+def weight_gradient(phase: str) -> dict[str, str]:
+    """How a fixed-mask phase forms its values' gradient (since 2026-12-07 on the CPU: only the
+    k sampled entries, diffprune.methods.diff.sparse_grad; before: the dense weight gradient)."""
+    if phase != "fixed-mask":
+        return {}
+    return {"weight_gradient": "k sampled" if not torch.cuda.is_available() else "dense"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["diff-struct"])
@@ -161,6 +172,9 @@ def main() -> None:
             "step_time_ratio": round(step / full_time, 3),
             "peak_rss_mb": mem, "baseline_peak_rss_mb": full_mem, "peak_memory_ratio": round(mem / full_mem, 3),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+            **weight_gradient(setup.phase_names[i]),
+            "diffprune_version": diffprune.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     out = HERE / "results" / "cost.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

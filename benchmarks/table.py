@@ -138,8 +138,9 @@ def render_cost(records: list[dict]) -> str:
     if not records:
         return "No cost measurement yet (`python benchmarks/cost.py`).\n"
     by_phase: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in records:
-        by_phase[(r["method"], r["phase"])].append(r)
+    for r in records:  # a phase measured before and after a change of how it computes: two rows
+        gradient = r.get("weight_gradient", "dense" if r["phase"] == "fixed-mask" else None)
+        by_phase[(r["method"], r["phase"] + (f" ({gradient} weight gradient)" if gradient else ""))].append(r)
     lines = ["| method | phase | runs | step time ratio (median; each run) | peak memory ratio (median; each run) | "
              "step s / full step s (median run) | peak RSS MB / full | batch | device |",
              "|---|---|---|---|---|---|---|---|---|"]
