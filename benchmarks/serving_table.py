@@ -12,7 +12,7 @@ def latest(rows: list[dict], measure: str) -> list[dict]:
     for r in rows:
         if r.get("measure") == measure:
             o = r["options"]
-            found[json.dumps([o.get("density"), o.get("tasks"), o.get("rows"), o.get("bare")])] = r
+            found[json.dumps([o.get("density"), o.get("tasks"), o.get("rows"), o.get("bare"), o.get("threads")])] = r
     return list(found.values())
 
 
@@ -43,11 +43,12 @@ def table(rows: list[dict]) -> str:
     if latest(rows, "mixed"):
         out += ["Mixed-task batches of 64-token rows, one forward (throughput against the bare base on the same "
                 "batch; goal ≥ 0.95x). PEFT: mixed LoRA batches (r 8, query and value, `adapter_names=`).", "",
-                "| tasks x rows | bare base | diffprune mixed | PEFT LoRA mixed | diffprune / bare | PEFT / bare | "
-                "repeats | load |", "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['tasks']} x {r['rows']} | {r['bare_ms']:.1f} ms | {r['diffprune_ms']:.1f} ms | "
-                f"{r['peft_lora_ms']:.1f} ms | {r['diffprune_vs_bare']:.3f}x | {r['peft_lora_vs_bare']:.3f}x | "
-                f"{r['options']['repeats']} | {load_note(r)} |" for r in latest(rows, "mixed")]
+                "| tasks x rows | threads | bare base | diffprune mixed | PEFT LoRA mixed | diffprune / bare | "
+                "PEFT / bare | repeats | load |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['tasks']} x {r['rows']} | {r['options']['threads']} | {r['bare_ms']:.1f} ms | "
+                f"{r['diffprune_ms']:.1f} ms | {r['peft_lora_ms']:.1f} ms | {r['diffprune_vs_bare']:.3f}x | "
+                f"{r['peft_lora_vs_bare']:.3f}x | {r['options']['repeats']} | {load_note(r)} |"
+                for r in latest(rows, "mixed")]
         out.append("")
     if latest(rows, "memory"):
         out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x), the bytes of every "
