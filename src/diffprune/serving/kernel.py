@@ -23,6 +23,7 @@ import numpy as np
 
 from diffprune.patch.compact_kernels import BLOCK, BYTE, CHECK, CK_BYTE, CK_ENTRY, CK_PREV, ENTRY, FLOAT32, NNZ
 from diffprune.patch.compact_kernels import next_position
+from diffprune.serving.simd import transpose8
 
 if "NUMBA_THREADING_LAYER" not in os.environ:  # threads that sleep between calls, beside torch's
     nb.config.THREADING_LAYER = "workqueue"
@@ -65,6 +66,8 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
     """y (rows, tokens, out) += each row's task's weight delta times x (rows, tokens, in), plus
     its bias delta; weight_t[s] / bias_t[s]: the tensor of slot s's task (-1: unchanged).
     scratch: a row per thread of (in + out) * TILE floats for the transposed tiles."""
+    if not (x.flags.c_contiguous and y.flags.c_contiguous):  # the block transposes address them
+        raise ValueError("linear_delta needs C-contiguous activations")
     tokens, n_in, n_out = x.shape[1], x.shape[2], y.shape[2]
     for b in nb.prange(x.shape[0]):
         s = row_slots[b]
@@ -75,13 +78,13 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
             yt = mine[n_in * TILE: (n_in + n_out) * TILE].reshape((n_out, TILE))
             for t0 in range(0, tokens, TILE):
                 m = min(TILE, tokens - t0)
-                _transpose_into(x[b], xt, t0, m)
+                _transpose_into(x, b, xt, t0, m)
                 yt[:] = 0
                 for e in range(outs.size):
                     o, i, v = outs[e], ins[e], w[e]
                     for j in range(TILE):
                         yt[o, j] += v * xt[i, j]
-                _add_transposed(yt, y[b], t0, m)
+                _add_transposed(yt, y, b, t0, m)
         if bias_t[s] >= 0:  # a vector: as a matrix one row wide, its columns are the positions
             _, outs, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], bias_t[s], n_out)
             for t in range(tokens):
@@ -90,45 +93,35 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
 
 
 @nb.njit(inline="always", **JIT)
-def _transpose_into(xb, xt, t0, m):
-    """xt[i, j] = xb[t0 + j, i] for the tile's m tokens (zero beyond them). Blocks of 16
-    features by a whole tile, loops of fixed length that LLVM vectorises: 2 to 4x a plain loop."""
-    n = xb.shape[1]
-    full = n - n % 16
-    if m == TILE:
-        for i0 in range(0, full, 16):
-            for j in range(TILE):
-                for i in range(16):
-                    xt[i0 + i, j] = xb[t0 + j, i0 + i]
-    else:
-        xt[:, m:] = 0
-        for i0 in range(0, full, 16):
-            for j in range(m):
-                for i in range(16):
-                    xt[i0 + i, j] = xb[t0 + j, i0 + i]
-    for i in range(full, n):
+def _transpose_into(x, b, xt, t0, m):
+    """xt[i, j] = x[b, t0 + j, i] for the tile's m tokens (zero beyond them): a whole tile of a
+    row whose width is a multiple of 8 in 8 x 8 shuffled blocks (simd.py), the rest by loops."""
+    n = x.shape[2]
+    if m == TILE and n % 8 == 0:
+        src, dst = x.ctypes.data + 4 * (b * x.shape[1] + t0) * n, xt.ctypes.data
+        for i0 in range(0, n, 8):
+            for j0 in range(0, TILE, 8):
+                transpose8(src + 4 * (j0 * n + i0), n, dst + 4 * (i0 * TILE + j0), TILE, False)
+        return
+    xt[:, m:] = 0
+    for i in range(n):
         for j in range(m):
-            xt[i, j] = xb[t0 + j, i]
+            xt[i, j] = x[b, t0 + j, i]
 
 
 @nb.njit(inline="always", **JIT)
-def _add_transposed(yt, yb, t0, m):
-    """yb[t0 + j, o] += yt[o, j] for the tile's m tokens, in blocks of 16 outputs."""
-    n = yb.shape[1]
-    full = n - n % 16
-    if m == TILE:
-        for o0 in range(0, full, 16):
-            for j in range(TILE):
-                for o in range(16):
-                    yb[t0 + j, o0 + o] += yt[o0 + o, j]
-    else:
-        for o0 in range(0, full, 16):
-            for j in range(m):
-                for o in range(16):
-                    yb[t0 + j, o0 + o] += yt[o0 + o, j]
-    for o in range(full, n):
+def _add_transposed(yt, y, b, t0, m):
+    """y[b, t0 + j, o] += yt[o, j] for the tile's m tokens, as _transpose_into."""
+    n = y.shape[2]
+    if m == TILE and n % 8 == 0:
+        src, dst = yt.ctypes.data, y.ctypes.data + 4 * (b * y.shape[1] + t0) * n
+        for o0 in range(0, n, 8):
+            for j0 in range(0, TILE, 8):
+                transpose8(src + 4 * (o0 * TILE + j0), TILE, dst + 4 * (j0 * n + o0), n, True)
+        return
+    for o in range(n):
         for j in range(m):
-            yb[t0 + j, o] += yt[o, j]
+            y[b, t0 + j, o] += yt[o, j]
 
 
 _SCRATCH = [np.empty((0, 0), np.float32)]
