@@ -3,6 +3,7 @@ applying and reverting from it bit for bit."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,26 @@ def test_checkpoints_start_decoding_at_their_block():
         assert k.next_position(c.stream, byte, prev)[0] == positions[first]
 
 
+@pytest.mark.parametrize("code, dtype", [(0, np.float16), (1, None)])
+def test_every_16_bit_pattern_widens_to_its_exact_value(code, dtype):
+    """The kernels' arithmetic conversion against numpy's, all 65536 patterns, bit for bit."""
+    import numba as nb
+
+    from diffprune.patch.compact import kernels, powers_of_two
+
+    widen = kernels().widen
+
+    @nb.njit
+    def every(bits, code, pow2):
+        return np.array([widen(h, code, pow2) for h in bits], np.float32)
+
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    want = bits.view(dtype).astype(np.float32) if dtype else (bits.astype(np.uint32) << 16).view(np.float32)
+    got = every(bits, code, powers_of_two())
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
 def test_only_add_changes_are_kept_compact():
     off = SparseDiff.from_mask(torch.tensor([True, False, True]))
     with pytest.raises(DiffpruneError, match="'mask': only 'add' changes are kept compact"):
@@ -76,7 +97,7 @@ def base(tmp_path_factory):
     return load_base(str(tiny_bert(tmp_path_factory.mktemp("compact-bert") / "m", dropout=0.0)), 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_a_compact_patch_applies_as_its_task_patch_and_reverts_bit_for_bit(base, dtype):
     patch = random_patch(base, 0.05, 2, scale=0.3)
     for d in patch.diffs.values():

@@ -37,7 +37,7 @@ def test_the_linear_kernel_adds_each_rows_own_delta(tokens, n_in, n_out, dtype):
         want[r] += (x[r] @ weight.T if weight_t[s] >= 0 else 0) + (bias if bias_t[s] >= 0 else 0)
     slots = kernel.Slots([c for c, _, _ in tasks])
     kernel.run(kernel.linear_delta, x.numpy(), y.numpy(), row_slots, weight_t, bias_t, slots.streams, slots.bits,
-               slots.codes, slots.tables, slots.lut, scratch_floats=(n_in + n_out) * kernel.TILE)
+               slots.codes, slots.tables, slots.pow2, scratch_floats=(n_in + n_out) * kernel.TILE)
     assert torch.allclose(y, want, atol=1e-5)
 
 
@@ -47,4 +47,4 @@ def test_the_linear_kernel_refuses_activations_it_cannot_address():
     with pytest.raises(ValueError, match="C-contiguous"):
         kernel.run(kernel.linear_delta, x.numpy()[:, ::2], y.numpy()[:, ::2], np.zeros(1, np.int64),
                    np.zeros(1, np.int64), np.full(1, -1, np.int64), slots.streams, slots.bits, slots.codes,
-                   slots.tables, slots.lut, scratch_floats=24 * kernel.TILE)
+                   slots.tables, slots.pow2, scratch_floats=24 * kernel.TILE)

@@ -32,7 +32,7 @@ from torch import nn
 
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
-from diffprune.patch.compact import CompactDiffs, CompactPatch, kernels, value_table
+from diffprune.patch.compact import CompactDiffs, CompactPatch, kernels, powers_of_two
 from diffprune.patch.kinds import ADD, SPARSE, SparseDiff
 from diffprune.patch.model_state import Entry, Fingerprint, Flats, ModelState, Prepared, Written, state_of
 
@@ -247,7 +247,7 @@ def _plan(patch: TaskPatch | CompactPatch, prepared: Prepared, flats: Flats) -> 
 def _write_compact(prepared: Prepared, applied: AppliedPatch, state: ModelState) -> None:
     c = prepared.compact
     kept = state.take_buffers(c.nnz)
-    kernels().apply_add(prepared.flats.arrays, prepared.which, c.stream, c.bits, c.code, value_table(), c.table,
+    kernels().apply_add(prepared.flats.arrays, prepared.which, c.stream, c.bits, c.code, powers_of_two(), c.table,
                         *kept)
     torch.autograd.graph.increment_version(list(prepared.touched.values()))  # torch does not see numba write
     applied._compact = (prepared, kept)

@@ -25,17 +25,18 @@ from diffprune.patch.kinds import ADD, SparseDiff
 # Rows of a looked-up tensor between checkpoints: a lookup decodes about this many rows' entries.
 CHECK_ROWS = 64
 CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # compact_kernels' value codes
-_LUT: np.ndarray | None = None
+_POW2: np.ndarray | None = None
 
 
-def value_table() -> np.ndarray:
-    """(2, 65536) float32: every fp16 (row 0) and bf16 (row 1) bit pattern's value, exactly."""
-    global _LUT
-    if _LUT is None:
-        patterns = np.arange(65536, dtype=np.uint32)
-        _LUT = np.stack([patterns.astype(np.uint16).view(np.float16).astype(np.float32),
-                         (patterns << 16).view(np.float32)])
-    return _LUT
+def powers_of_two() -> np.ndarray:
+    """(2, 256) float32: the scale of a 16-bit value of each biased exponent, fp16 (row 0:
+    2^(e - 25), exponents 0 and 1 alike) and bf16 (row 1: 2^(e - 134)); see compact_kernels.widen."""
+    global _POW2
+    if _POW2 is None:
+        e = np.maximum(np.arange(256), 1)
+        _POW2 = np.stack([np.ldexp(np.float32(1), np.minimum(e - 25, 127)),
+                          np.ldexp(np.float32(1), e - 134)]).astype(np.float32)
+    return _POW2
 
 
 def kernels():
@@ -123,7 +124,10 @@ class CompactDiffs:
         _, entry, nnz, _, _ = self.table[t]
         if self.value_dtype == torch.float32:
             return torch.from_numpy(self.bits.view(np.float32)[entry: entry + nnz].copy())
-        return torch.from_numpy(value_table()[self.code, self.bits[entry: entry + nnz]])
+        bits = self.bits[entry: entry + nnz]
+        if self.value_dtype == torch.float16:
+            return torch.from_numpy(bits.view(np.float16).astype(np.float32))
+        return torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32))
 
     def sparse_diff(self, name: str) -> SparseDiff:
         t = self.index[name]

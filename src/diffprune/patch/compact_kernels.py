@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 BYTE, ENTRY, NNZ, CHECK, BLOCK = range(5)
 # Columns of its checkpoints: where decoding may start, and the position before that entry.
 CK_BYTE, CK_ENTRY, CK_PREV = range(3)
-# Value codes: 16-bit patterns read through a table row, or float32 stored as pairs of them.
+# Value codes: 16-bit patterns (widen), or float32 stored as pairs of them.
 FLOAT16, BFLOAT16, FLOAT32 = range(3)
 
 JIT = dict(nogil=True, cache=True)
@@ -53,6 +53,24 @@ def _long_gap(stream, k, prev):
         shift += 7
         k += 1
     return prev + 1 + gap, k
+
+
+@nb.njit(inline="always", **JIT)
+def widen(h, code, pow2):
+    """The float32 value of the 16-bit pattern h, fp16 (code FLOAT16) or bf16, exactly: (implicit
+    bit + mantissa) times a power of two from `pow2` (compact.powers_of_two(): 2 KiB, which stays
+    in the first-level cache, where a table of all 65536 values is evicted by the weights an
+    apply touches and costs a memory access per entry)."""
+    h = np.int64(h)
+    width = 10 if code == FLOAT16 else 7
+    top = 31 if code == FLOAT16 else 255
+    e = (h >> width) & top
+    m = h & ((1 << width) - 1)
+    sign = np.float32(1 - 2 * (h >> 15))
+    if e == top:  # infinities and NaN (patch values are finite; exact all the same)
+        return sign * np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    implicit = (1 << width) if e > 0 else 0
+    return sign * (np.float32(implicit + m) * pow2[code, e])
 
 
 @nb.njit(**JIT)
@@ -133,7 +151,7 @@ def prefetch(typingctx, address):
 
 
 @nb.njit(**JIT)
-def apply_add(flats, which, stream, bits, code, lut, table, save, where):
+def apply_add(flats, which, stream, bits, code, pow2, table, save, where):
     """Add every tensor's values at its positions in flats[which[t]], keeping the entries that
     were there (save[e]) and their positions (where[e]) for the revert, which writes back the
     very bits without decoding again."""
@@ -153,7 +171,7 @@ def apply_add(flats, which, stream, bits, code, lut, table, save, where):
             if code == FLOAT32:
                 _add(flat, where, save, e, n, bits.view(np.float32))
             else:
-                _add_through(flat, where, save, e, n, bits, lut[code])
+                _add_widened(flat, where, save, e, n, bits, code, pow2)
             e += n
 
 
@@ -164,9 +182,9 @@ def _add(flat, where, save, e, n, values):
 
 
 @nb.njit(inline="always", **JIT)
-def _add_through(flat, where, save, e, n, bits, row):
+def _add_widened(flat, where, save, e, n, bits, code, pow2):
     for j in range(e, e + n):
-        flat[where[j]] = save[j] + row[bits[j]]
+        flat[where[j]] = save[j] + widen(bits[j], code, pow2)
 
 
 @nb.njit(**JIT)

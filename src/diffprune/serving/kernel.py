@@ -22,7 +22,7 @@ import numba as nb
 import numpy as np
 
 from diffprune.patch.compact_kernels import BLOCK, BYTE, CHECK, CK_BYTE, CK_ENTRY, CK_PREV, ENTRY, FLOAT32, NNZ
-from diffprune.patch.compact_kernels import next_position
+from diffprune.patch.compact_kernels import next_position, widen
 from diffprune.serving.simd import transpose8
 
 if "NUMBA_THREADING_LAYER" not in os.environ:  # threads that sleep between calls, beside torch's
@@ -34,20 +34,19 @@ PARALLEL = dict(parallel=True, fastmath={"contract"}, **JIT)
 
 
 @nb.njit(**JIT)
-def _values(bits, code, lut, first, nnz):
+def _values(bits, code, pow2, first, nnz):
     """Entries first .. first + nnz of a task's values, as float32."""
     out = np.empty(nnz, np.float32)
     if code == FLOAT32:
         out[:] = bits.view(np.float32)[first: first + nnz]
     else:
-        row = lut[code]
         for j in range(nnz):
-            out[j] = row[bits[first + j]]
+            out[j] = widen(bits[first + j], code, pow2)
     return out
 
 
 @nb.njit(**JIT)
-def _entries(stream, bits, code, lut, table, t, width):
+def _entries(stream, bits, code, pow2, table, t, width):
     """Tensor t's entries as (row, column, value) of a matrix `width` columns wide."""
     nnz = table[t, NNZ]
     rows, cols = np.empty(nnz, np.int32), np.empty(nnz, np.int32)
@@ -58,11 +57,11 @@ def _entries(stream, bits, code, lut, table, t, width):
         r = np.int64(pos * inverse)  # exact or one off (rounding): corrected without a branch
         r += np.int64(pos - r * width >= width) - np.int64(pos < r * width)
         rows[j], cols[j] = r, pos - r * width
-    return rows, cols, _values(bits, code, lut, table[t, ENTRY], nnz)
+    return rows, cols, _values(bits, code, pow2, table[t, ENTRY], nnz)
 
 
 @nb.njit(**PARALLEL)
-def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables, lut, scratch):
+def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables, pow2, scratch):
     """y (rows, tokens, out) += each row's task's weight delta times x (rows, tokens, in), plus
     its bias delta; weight_t[s] / bias_t[s]: the tensor of slot s's task (-1: unchanged).
     scratch: a row per thread of (in + out) * TILE floats for the transposed tiles."""
@@ -72,7 +71,7 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
     for b in nb.prange(x.shape[0]):
         s = row_slots[b]
         if weight_t[s] >= 0:
-            outs, ins, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], weight_t[s], n_in)
+            outs, ins, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], weight_t[s], n_in)
             mine = scratch[nb.get_thread_id()]
             xt = mine[: n_in * TILE].reshape((n_in, TILE))
             yt = mine[n_in * TILE: (n_in + n_out) * TILE].reshape((n_out, TILE))
@@ -86,7 +85,7 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
                         yt[o, j] += v * xt[i, j]
                 _add_transposed(yt, y, b, t0, m)
         if bias_t[s] >= 0:  # a vector: as a matrix one row wide, its columns are the positions
-            _, outs, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], bias_t[s], n_out)
+            _, outs, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], bias_t[s], n_out)
             for t in range(tokens):
                 for e in range(w.size):
                     y[b, t, outs[e]] += w[e]
@@ -136,7 +135,7 @@ def scratch(floats: int) -> np.ndarray:
 
 
 @nb.njit(**PARALLEL)
-def embedding_delta(ids, y, row_slots, weight_t, streams, bits, codes, tables, checks, lut):
+def embedding_delta(ids, y, row_slots, weight_t, streams, bits, codes, tables, checks, pow2):
     """y (rows, tokens, dim) += the changed entries of each looked-up row of each row's task's
     embedding; ids (rows, tokens). A lookup decodes from the checkpoint before the row."""
     dim = y.shape[2]
@@ -161,7 +160,7 @@ def embedding_delta(ids, y, row_slots, weight_t, streams, bits, codes, tables, c
                 if pos >= start + dim:
                     break
                 if pos >= start:
-                    v = wide[e] if codes[s] == FLOAT32 else lut[codes[s], bits[s][e]]
+                    v = wide[e] if codes[s] == FLOAT32 else widen(bits[s][e], codes[s], pow2)
                     y[b, tok, pos - start] += v
                 e += 1
 
@@ -169,14 +168,14 @@ def embedding_delta(ids, y, row_slots, weight_t, streams, bits, codes, tables, c
 # The norm's sums may be reassociated (added in vector lanes): 2 to 3x faster, the same to float
 # rounding; no other fast-math licence, so NaN and infinities still propagate.
 @nb.njit(parallel=True, fastmath={"contract", "reassoc"}, **JIT)
-def norm_delta(x, y, eps, row_slots, weight_t, bias_t, streams, bits, codes, tables, lut):
+def norm_delta(x, y, eps, row_slots, weight_t, bias_t, streams, bits, codes, tables, pow2):
     """y = LayerNorm(x) (rows, tokens, dim) gets each row's task's weight delta times the
     normalised input and its bias delta added."""
     tokens, dim = x.shape[1], x.shape[2]
     for b in nb.prange(x.shape[0]):
         s = row_slots[b]
         if weight_t[s] >= 0:
-            _, cols, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], weight_t[s], dim)
+            _, cols, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], weight_t[s], dim)
             for t in range(tokens):
                 xbt = x[b, t]
                 mean = 0.0
@@ -190,7 +189,7 @@ def norm_delta(x, y, eps, row_slots, weight_t, bias_t, streams, bits, codes, tab
                 for e in range(w.size):
                     y[b, t, cols[e]] += w[e] * ((xbt[cols[e]] - mean) * scale)
         if bias_t[s] >= 0:
-            _, cols, w = _entries(streams[s], bits[s], codes[s], lut, tables[s], bias_t[s], dim)
+            _, cols, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], bias_t[s], dim)
             for t in range(tokens):
                 for e in range(w.size):
                     y[b, t, cols[e]] += w[e]
@@ -201,14 +200,14 @@ class Slots:
     batch: every kernel call of the batch then passes them as they are."""
 
     def __init__(self, tasks: list) -> None:
-        from diffprune.patch.compact import value_table
+        from diffprune.patch.compact import powers_of_two
 
         self.streams = _list([c.stream for c in tasks], nb.uint8, 1)
         self.bits = _list([c.bits for c in tasks], nb.uint16, 1)
         self.tables = _list([c.table for c in tasks], nb.int64, 2)
         self.checks = _list([c.checks for c in tasks], nb.int64, 2)
         self.codes = np.array([c.code for c in tasks], np.int64)
-        self.lut = value_table()
+        self.pow2 = powers_of_two()
 
 
 def _list(arrays: list[np.ndarray], dtype, ndim: int):

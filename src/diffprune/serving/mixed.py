@@ -157,7 +157,7 @@ class MixedBatch:
         y, a = out.contiguous(), self.arrays()
         kernel.run(kernel.linear_delta, x.contiguous().view(self.batch, -1, m.in_features).numpy(),
                    y.view(self.batch, -1, m.out_features).numpy(), self._rows, changed.get("weight", self._none),
-                   changed.get("bias", self._none), a.streams, a.bits, a.codes, a.tables, a.lut,
+                   changed.get("bias", self._none), a.streams, a.bits, a.codes, a.tables, a.pow2,
                    scratch_floats=(m.in_features + m.out_features) * kernel.TILE)
         return y
 
@@ -171,7 +171,7 @@ class MixedBatch:
         y, a, size = out.contiguous(), self.arrays(), m.normalized_shape[0]
         kernel.run(kernel.norm_delta, x.contiguous().view(self.batch, -1, size).numpy(),
                    y.view(self.batch, -1, size).numpy(), m.eps, self._rows, changed.get("weight", self._none),
-                   changed.get("bias", self._none), a.streams, a.bits, a.codes, a.tables, a.lut)
+                   changed.get("bias", self._none), a.streams, a.bits, a.codes, a.tables, a.pow2)
         return y
 
     def _embedding(self, m: nn.Embedding, ids: torch.Tensor, out: torch.Tensor, path: str,
@@ -186,5 +186,5 @@ class MixedBatch:
         ids = ids.reshape(ids.shape[0], -1).expand(self.batch, -1).to(torch.int64).contiguous()
         kernel.run(kernel.embedding_delta, ids.numpy(),
                    y.view(self.batch, -1, m.embedding_dim).numpy(), self._rows, changed["weight"], a.streams,
-                   a.bits, a.codes, a.tables, a.checks, a.lut)
+                   a.bits, a.codes, a.tables, a.checks, a.pow2)
         return y
