@@ -68,6 +68,14 @@ def head_for(kind: str, config, labels: list, regression: bool) -> tuple[nn.Modu
 
 def train_head(kind: str, lr: float, config, train: dict, dev: dict, spec, epochs: float, seed: int) -> float:
     """Train one head on cached features; its dev score (the task's main metric)."""
+    head, logits_of = fit_head(kind, lr, config, train, spec, epochs, seed)
+    with torch.no_grad():
+        predictions = predictions_from_logits(spec, logits_of(dev).numpy())
+    return compute_metrics(spec, predictions, dev["labels"].numpy())["score"]
+
+
+def fit_head(kind: str, lr: float, config, train: dict, spec, epochs: float, seed: int) -> tuple[nn.Module, callable]:
+    """One head trained on cached features (in eval mode), and how it turns features into logits."""
     torch.manual_seed(seed)
     labels = train["labels"]
     regression = spec.is_regression
@@ -89,23 +97,21 @@ def train_head(kind: str, lr: float, config, train: dict, dev: dict, spec, epoch
         loss.backward()
         optimizer.step()
         schedule.step()
-    head.eval()
-    with torch.no_grad():
-        predictions = predictions_from_logits(spec, logits_of(dev).numpy())
-    return compute_metrics(spec, predictions, dev["labels"].numpy())["score"]
+    return head.eval(), logits_of
 
 
 def cached(task: str, data_dir: str | None, train_examples: int) -> tuple:
+    """(task spec, base, {"train", "dev"}: features with their labels, {"train", "dev"}: the datasets)."""
     spec = get_task(task)
     base = load_base(None, spec.num_labels, labels=spec.labels, regression=spec.is_regression)
     settings = TrainSettings(task=task, data_dir=data_dir, max_train_samples=train_examples)
     data = load_task_data(spec, base, settings)
     collator = make_collator(base.tokenizer)
-    splits = {}
-    for name, dataset in (("train", data.train), ("dev", next(iter(data.dev.values())))):
+    splits, datasets = {}, {"train": data.train, "dev": next(iter(data.dev.values()))}
+    for name, dataset in datasets.items():
         splits[name] = features(base, dataset, collator)
         splits[name]["labels"] = torch.tensor([e.label for e in dataset.examples])
-    return spec, base, splits
+    return spec, base, splits, datasets
 
 
 def render(records: list[dict]) -> str:
@@ -146,7 +152,7 @@ def main() -> None:
     for task in [] if args.table_only else args.tasks:
         load = os.getloadavg()[0]
         started = time.perf_counter()
-        spec, base, splits = cached(task, args.data_dir, args.train_examples)
+        spec, base, splits, _ = cached(task, args.data_dir, args.train_examples)
         with open(RESULTS, "a") as f:
             for head in HEADS:
                 for lr in args.lrs:

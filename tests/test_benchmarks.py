@@ -150,3 +150,33 @@ def test_the_head_probe_trains_every_head_and_tabulates_it(tiny_model):
                for h, s in scores.items()]
     table_text = head_probe.render(records)
     assert "| STS-B | 256 | 4 | model | " in table_text and "| mean-mix |" in table_text
+
+
+def test_the_mask_probe_scores_masks_from_the_task_gradient(tiny_model):
+    """mask_probe.py: the task gradient reaches every encoder Linear weight through a mean-mix
+    head, each scorer ranks as its formula says, and the table has a row per scorer."""
+    import mask_probe
+    from transformers import AutoConfig
+
+    from diffprune.base import load_base
+    from diffprune.heads import POOLINGS, LayerMixHead
+    from diffprune.pruning.targets import encoder_linear_weights
+
+    base = load_base(tiny_model, 1, regression=True)
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=1)
+    head = LayerMixHead(config, POOLINGS["mean-mix"])
+    tokens = base.tokenizer(["a man plays a guitar", "the cat sleeps"] * 4, ["a man plays music", "a dog runs"] * 4)
+    examples = [{"input_ids": i, "attention_mask": m, "token_type_ids": t, "labels": float(n % 5)}
+                for n, (i, m, t) in enumerate(zip(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"]))]
+    names = encoder_linear_weights(base.model)
+    grads = mask_probe.task_gradient(base, examples, head, names, 8, regression=True)
+    assert len(grads) == len(names) and all(g.abs().sum() > 0 for g in grads)
+    assert all(not base.model.get_parameter(n).requires_grad for n in names)  # the base stays frozen
+    weights = [torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 3.0]])]
+    g = [torch.tensor([[2.0, 1.0]]), torch.tensor([[-1.0, 0.1]])]
+    assert torch.equal(mask_probe.mask_scores("taylor", weights, g, 0)[0], torch.tensor([[2.0, 2.0]]))
+    torch.testing.assert_close(mask_probe.mask_scores("movement", weights, g, 0)[1], torch.tensor([[0.5, -0.3]]))
+    assert torch.equal(mask_probe.mask_scores("magnitude", weights, g, 0)[0], torch.tensor([[1.0, 2.0]]))
+    records = [{"task": "STS-B", "train_examples": 8, "grad_examples": 8, "scorer": s, "sparsity": 0.5, "score": 0.1}
+               for s in mask_probe.SCORERS]
+    assert "| STS-B | 8 / 8 | taylor | 10.0 |" in mask_probe.render(records)
