@@ -446,3 +446,20 @@ def test_fixed_sampled_grad_skips_shared_and_subclassed_layers(base):
     dm = _wrap(base, k=10)
     assert "bert.encoder.layer.0.intermediate.dense.weight" not in dm._sampled_owners
     assert "bert.encoder.layer.0.output.dense.weight" in dm._sampled_owners
+
+
+def test_fixed_values_grad_under_bf16_autocast(base):
+    """Under CPU autocast the layers compute in bf16; the sampled path widens to float32 and
+    hands the float32 values a float32 gradient equal to autograd's (bf16 rounding apart)."""
+    dm = _fixed_at_random(base, k=2000, seed=1)
+    batch = _batch(1)
+    grads = []
+    for owners in (dm._sampled_owners, {}):
+        dm._sampled_owners = owners
+        dm.values.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = dm(**batch).loss
+        loss.backward()
+        grads.append(dm.values.grad.clone())
+    assert grads[0].dtype == torch.float32 and grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-4)

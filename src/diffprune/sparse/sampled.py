@@ -5,9 +5,10 @@ W (diff pruning's fixed-mask phase) needs those k sums, not the whole out x in m
 autograd's dense weight gradient computes (a third of a Linear layer's training work, and for
 k at 0.5% of the entries about 200 times the products needed).
 
-On the CPU (float32, numba): dy and x are transposed once, so that each entry is a dot product
-of two contiguous token vectors, vectorised; entries run in parallel on torch's thread count.
-The transposes cost about (in + out) / (in * out) of the dense product's memory traffic.
+On the CPU (numba; float32, or bf16 / fp16 widened to it): dy and x are transposed once, so
+that each entry is a dot product of two contiguous token vectors, vectorised; entries run in
+parallel on torch's thread count. The transposes cost about (in + out) / (in * out) of the dense
+product's memory traffic (measured: most of this path's time on MiniLM's FFN shapes).
 Elsewhere: the same sums by gathering the k columns in chunks (bounded memory).
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from diffprune.sparse import kernel
 
+_WIDENED = {torch.float32, torch.bfloat16, torch.float16}  # read by the CPU kernel as float32
 _CHUNK_ELEMENTS = 2**24  # gathered columns per chunk on the torch path: 64 MiB of float32 per operand
 _DOTS = None
 
@@ -45,10 +47,12 @@ def sampled_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, out_index:
     """result[e] = sum_n grad_out[n, out_index[e]] * inputs[n, in_index[e]] (float32, shape (k,)).
 
     grad_out: (N, out), inputs: (N, in), both 2-D; the indices int64 on their device."""
-    if grad_out.device.type == "cpu" and grad_out.dtype == inputs.dtype == torch.float32:
+    if grad_out.device.type == "cpu" and {grad_out.dtype, inputs.dtype} <= _WIDENED:
         result = torch.empty(out_index.numel(), dtype=torch.float32)
         if result.numel():
-            grad_t, inputs_t = grad_out.t().contiguous(), inputs.t().contiguous()
+            # One copy each, transposed and widened to float32 (bf16 / fp16 under autocast) at once.
+            grad_t = torch.empty(grad_out.shape[::-1], dtype=torch.float32).copy_(grad_out.t())
+            inputs_t = torch.empty(inputs.shape[::-1], dtype=torch.float32).copy_(inputs.t())
             dots = _compiled_dots()
             with kernel.pool(kernel.kernel_threads()):
                 dots(grad_t.numpy(), inputs_t.numpy(), out_index.numpy(), in_index.numpy(), result.numpy())

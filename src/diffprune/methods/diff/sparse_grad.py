@@ -45,6 +45,7 @@ class _LinearValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output, inputs, values, out_index, in_index):
         ctx.save_for_backward(inputs, out_index, in_index)
+        ctx.values_dtype = values.dtype  # the layer's output may be bf16 under autocast; the values are not
         return output.view_as(output)
 
     @staticmethod
@@ -52,7 +53,7 @@ class _LinearValues(torch.autograd.Function):
         inputs, out_index, in_index = ctx.saved_tensors
         values_grad = sampled_weight_grad(grad.reshape(-1, grad.shape[-1]), inputs.reshape(-1, inputs.shape[-1]),
                                           out_index, in_index)
-        return grad, None, values_grad.to(grad.dtype), None, None
+        return grad, None, values_grad.to(ctx.values_dtype), None, None
 
 
 class _EmbeddingValues(torch.autograd.Function):
@@ -62,7 +63,7 @@ class _EmbeddingValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output, ids, values, rows, cols, padding_idx):
         ctx.save_for_backward(ids, rows, cols)
-        ctx.padding_idx = padding_idx
+        ctx.padding_idx, ctx.values_dtype = padding_idx, values.dtype
         return output.view_as(output)
 
     @staticmethod
@@ -76,7 +77,7 @@ class _EmbeddingValues(torch.autograd.Function):
         if ctx.padding_idx is not None:  # as nn.Embedding: the padding row never gets a gradient
             hit &= rows != ctx.padding_idx
         values_grad = torch.where(hit, per_row[at, cols], grad.new_zeros(()))
-        return grad, None, values_grad, None, None, None
+        return grad, None, values_grad.to(ctx.values_dtype), None, None, None
 
 
 def _hook(module: nn.Module, values: torch.Tensor, positions: torch.Tensor):
