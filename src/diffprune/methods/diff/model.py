@@ -125,18 +125,19 @@ class DiffModel(nn.Module):
 
     def effective_parameters(self, input_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.mode == "fixed":
-            return self._fixed_parameters()[0]
+            return self._fixed_parameters(sample=False)[0]
         params = {}
         for name, theta0, (rows, delta) in zip(self.names, self._theta0, self.deltas(input_ids)):
             params[name] = theta0 + delta if rows is None else theta0.index_put((rows,), theta0[rows] + delta)
         return params
 
-    def _fixed_parameters(self) -> tuple[dict[str, torch.Tensor], list]:
-        """The tensors with their k values added, and the (layer, values, positions) whose values
-        get their gradient from the layer's output alone (sparse_grad) rather than through them."""
+    def _fixed_parameters(self, sample: bool) -> tuple[dict[str, torch.Tensor], list]:
+        """The tensors with their k values added, and (with `sample`) the (layer, values,
+        positions) whose values get their gradient from the layer's output alone (sparse_grad:
+        only within sampled_values_grad) rather than through the tensors."""
         params, sampled, offsets = {}, [], self.offsets.tolist()
         # Measured on the CPU only (the dense weight gradient is what a GPU does best).
-        sampling = torch.is_grad_enabled() and self.values.requires_grad and self.values.device.type == "cpu"
+        sampling = sample and torch.is_grad_enabled() and self.values.requires_grad and self.values.device.type == "cpu"
         start_of = 0
         for i, (name, theta0) in enumerate(zip(self.names, self._theta0)):
             a, b = offsets[i], offsets[i + 1]
@@ -154,7 +155,7 @@ class DiffModel(nn.Module):
         if self.mode != "fixed":
             return functional_call(self.model, self.effective_parameters(batch.get("input_ids")), args=(),
                                    kwargs=batch, strict=False)
-        params, sampled = self._fixed_parameters()
+        params, sampled = self._fixed_parameters(sample=True)
         with sampled_values_grad(sampled):
             return functional_call(self.model, params, args=(), kwargs=batch, strict=False)
 
