@@ -149,14 +149,15 @@ class _PhaseRun:
             for weight, batch in self._rest_of_epoch():
                 self._step(batch, weight)
                 stop = phase.stopped()  # the phase's own stop rule (e.g. a sparsity reached)
-                epoch_done = progress.phase_step % self.steps_per_epoch == 0 or progress.phase_step == self.total or stop
+                done = progress.phase_step == self.total or stop
+                epoch_done = progress.phase_step % self.steps_per_epoch == 0 or done
                 if epoch_done:
                     self._evaluate()
                     self.ctx.model.train()
                 every = self.ctx.checkpoint_every
                 if epoch_done or (every and progress.global_step % every == 0):
                     self._checkpoint()
-                if progress.phase_step == self.total or stop:
+                if done:
                     break
         self.bar.close()
         if self.acc.num_processes > 1:
