@@ -15,19 +15,14 @@ Rows run in parallel (numba's prange) on as many threads as torch uses.
 
 from __future__ import annotations
 
-import os
-import threading
-
-import numba as nb
 import numpy as np
 
 from diffprune.patch.compact_kernels import BLOCK, BYTE, CHECK, CK_BYTE, CK_ENTRY, CK_PREV, ENTRY, FLOAT32, NNZ
 from diffprune.patch.compact_kernels import next_position, widen
 from diffprune.serving.simd import transpose8
+from diffprune.sparse.kernel import kernel_threads, numba, pool
 
-if "NUMBA_THREADING_LAYER" not in os.environ:  # threads that sleep between calls, beside torch's
-    nb.config.THREADING_LAYER = "workqueue"
-LOCK = threading.Lock()  # numba's workqueue pool takes one parallel call at a time
+nb = numba()  # configured once for every kernel of the library (its threading layer: sparse/kernel.py)
 TILE = 64  # tokens per tile: a transposed row is four 64-byte vectors, the tile stays in L1 / L2
 JIT = dict(nogil=True, cache=True)
 PARALLEL = dict(parallel=True, fastmath={"contract"}, **JIT)
@@ -128,7 +123,7 @@ _SCRATCH = [np.empty((0, 0), np.float32)]
 
 def scratch(floats: int) -> np.ndarray:
     """A row of `floats` per numba thread, kept between calls (fresh pages would cost a fault
-    each 4 KiB on every call); taken under LOCK, as the kernels run one at a time."""
+    each 4 KiB on every call); taken inside the pool, where the kernels run one at a time."""
     if _SCRATCH[0].shape[1] < floats:
         _SCRATCH[0] = np.empty((nb.config.NUMBA_NUM_THREADS, floats), np.float32)
     return _SCRATCH[0]
@@ -220,8 +215,5 @@ def _list(arrays: list[np.ndarray], dtype, ndim: int):
 def run(kernel, *args, scratch_floats: int = 0) -> None:
     """Call a parallel kernel on as many threads as torch uses (with a scratch row per thread
     of `scratch_floats` as its last argument, if asked)."""
-    import torch
-
-    with LOCK:
-        nb.set_num_threads(min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+    with pool(kernel_threads()):
         kernel(*args, *((scratch(scratch_floats),) if scratch_floats else ()))
