@@ -7,6 +7,7 @@ its own. Usage:
     python benchmarks/run_glue.py --data-dir ../shared/data/glue                # the whole plan
     python benchmarks/run_glue.py --tasks MRPC RTE --methods full diff-struct@0.005 --seeds 1
     python benchmarks/run_glue.py --table-only                                  # rewrite the table
+    python benchmarks/run_glue.py --profile fast --methods full abp@0.5 ...     # the fast profile
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from table import FROZEN_ENCODER_HEAD, write_table
@@ -23,6 +25,27 @@ from table import FROZEN_ENCODER_HEAD, write_table
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "glue.jsonl"
 RUNS = HERE / "runs"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Settings added to every run of a plan, and where its records, run folders and tables go.
+    Records of two profiles never share a table: each compares methods in its own settings."""
+    settings: dict
+    results: Path
+    runs: Path
+    table: str  # README sections glue{table}-table and goals{table}-table
+
+
+PROFILES = {
+    # the settings every method's first records were made in
+    "paper": Profile({}, RESULTS, RUNS, ""),
+    # bf16 matrix products (Zen 4's bf16 instructions: 2.4x a float32 GEMM here) and
+    # length-grouped batches (less padding): ~4x cheaper per run on this CPU, so that a grid can
+    # measure full finetuning again beside the methods it compares
+    "fast": Profile({"mixed_precision": "bf16", "group_by_length": True}, HERE / "results" / "glue-fast.jsonl",
+                    RUNS / "fast", "-fast"),
+}
 
 TASKS = ["MRPC", "STS-B", "RTE", "SST-2"]
 # Hyperparameters for the 22M-parameter MiniLM, the same for every task; SST-2 (67k examples)
@@ -72,6 +95,8 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("magnitude", {"sparsity": 0.9}, [1]),
     ("random-mask", {"sparsity": 0.9}, [1]),
     ("abp", {"sparsity": 0.2}, [1]),
+    # the paper's start for the scores (abp's default starts them in magnitude order)
+    ("abp", {"sparsity": 0.5, "score_init": "paper"}, [1]),
     # Pruning at distilling (SparseBERT) and its comparators, in the same epochs as every method:
     # each learns from (or, for gradual magnitude pruning, starts from) the task's full finetuning
     # run of seed 1, the teacher row; the paper's constant lr 3e-5 (distil's default). The
@@ -88,11 +113,11 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     ("distil", {"sparsity": 0.95, "freeze_embeddings": True, **FP32}, [1]),
 ]
 MASK_METHODS = {"abp", "magnitude", "random-mask"}
-TEACHER = "runs/{task}-full-s1"  # relative to this folder; the distil variants' --teacher
+TEACHER = "{task}-full-s1"  # in the profile's run folder; the distil variants' --teacher
 MAIN = 4  # the first four variants form the first tier
 
 
-def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
+def planned(tasks: list[str], methods: list[str], max_seeds: int, profile: Profile = PROFILES["paper"]) -> list[dict]:
     plan = []
     for position, (method, options, seeds) in enumerate(VARIANTS):
         label = method + (f"@{options['budget']}" if "budget" in options else "") \
@@ -104,7 +129,7 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
         for seed_index, seed in enumerate(seeds[:max_seeds]):
             for task in tasks:
                 tier = 3 if task == "SST-2" else (2 if seed_index else (0 if position < MAIN else 1))
-                config = {**COMMON, **options, "task": task, "method": method, "seed": seed}
+                config = {**COMMON, **profile.settings, **options, "task": task, "method": method, "seed": seed}
                 config["epochs"] = EPOCHS.get(task, COMMON["epochs"])
                 if method in MASK_METHODS:  # the last phase: the head alone, with the exact mask
                     config["head_epochs"] = round(config["epochs"] / 3, 4)
@@ -113,7 +138,7 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int) -> list[dict]:
                 if method in MASK_METHODS | {"head"}:
                     config["head"] = FROZEN_ENCODER_HEAD
                 elif method == "distil":
-                    config["teacher"] = TEACHER.format(task=task)
+                    config["teacher"] = str((profile.runs / TEACHER.format(task=task)).relative_to(HERE))
                 plan.append(((tier, tasks.index(task), position), config))
     return [config for _, config in sorted(plan, key=lambda item: item[0])]
 
@@ -131,14 +156,15 @@ def variant_tags(options: dict) -> list[str]:
     return ((["gmp"] if options.get("student_init") == "teacher" else [])
             + ([f"L{options['student_layers']}"] if options.get("student_layers") else [])
             + (["frozen-emb"] if options.get("freeze_embeddings") else [])
+            + (["paper-init"] if options.get("score_init") == "paper" else [])
             + ([options["head"]] if options.get("head", "model") != "model" else []))
 
 
-def recorded() -> dict[str, dict]:
+def recorded(results: Path) -> dict[str, dict]:
     """The settings of every recorded run, by run name."""
-    if not RESULTS.exists():
+    if not results.exists():
         return {}
-    records = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     return {record["run"]: record["settings"] for record in records}
 
 
@@ -146,8 +172,8 @@ def run_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("task", "method", "seed")}
 
 
-def execute(config: dict, data_dir: str | None, name: str | None = None) -> dict:
-    out = RUNS / (name or run_name(config))
+def execute(config: dict, data_dir: str | None, name: str | None = None, runs: Path = RUNS) -> dict:
+    out = runs / (name or run_name(config))
     out.mkdir(parents=True, exist_ok=True)
     if "teacher" in config:  # recorded relative to this folder, given to the run absolute
         config = {**config, "teacher": str(HERE / config["teacher"])}
@@ -164,7 +190,7 @@ def execute(config: dict, data_dir: str | None, name: str | None = None) -> dict
     return json.loads((out / "run.json").read_text())
 
 
-def ensure_teacher(config: dict, data_dir: str | None) -> None:
+def ensure_teacher(config: dict, data_dir: str | None, profile: Profile) -> None:
     """A distil variant's teacher is the task's full run of seed 1, whose folder (its model)
     may be missing where only its record came along: train it again into that folder (the
     record stays the one already written; the distil record notes the score of the teacher it
@@ -172,11 +198,11 @@ def ensure_teacher(config: dict, data_dir: str | None) -> None:
     folder = HERE / config["teacher"]
     if (folder / "run.json").exists():
         return
-    full = planned([config["task"]], ["full"], 1)[0]
-    if RUNS / run_name(full) != folder:
+    full = planned([config["task"]], ["full"], 1, profile)[0]
+    if profile.runs / run_name(full) != folder:
         sys.exit(f"{config['task']}: the teacher {folder} is not the full run this plan makes ({run_name(full)})")
     print(f"== {run_name(full)} (the teacher of the distil variants; its folder is missing)", flush=True)
-    execute(full, data_dir)
+    execute(full, data_dir, runs=profile.runs)
 
 
 def run_child(cmd: list[str]) -> None:
@@ -227,27 +253,30 @@ def main() -> None:
                         help="method names, or name@budget / lora@rRANK for one variant")
     parser.add_argument("--seeds", type=int, default=2, help="at most this many seeds per method")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default: $GLUE_DIR)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="paper",
+                        help="paper: the settings of the main table; fast: bf16 and length-grouped batches, its own table")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
+    profile = PROFILES[args.profile]
     if not args.table_only:
-        done = recorded()
-        for config in planned(args.tasks, args.methods, args.seeds):
+        done = recorded(profile.results)
+        for config in planned(args.tasks, args.methods, args.seeds, profile):
             name = run_name(config)
             if name in done:
                 if done[name] != run_settings(config):
                     # Skipping would put a run made with other settings in the table.
-                    sys.exit(f"{name} is recorded with other settings ({done[name]}); "
-                             f"move its record out of {RESULTS} and its folder out of {RUNS} to run it again")
+                    sys.exit(f"{name} is recorded with other settings ({done[name]}); move its record out of "
+                             f"{profile.results} and its folder out of {profile.runs} to run it again")
                 continue
             if config.get("teacher"):
-                ensure_teacher(config, args.data_dir)
+                ensure_teacher(config, args.data_dir, profile)
             print(f"== {name}", flush=True)
-            record = to_record(name, config, execute(config, args.data_dir))
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with open(RESULTS, "a") as f:
+            record = to_record(name, config, execute(config, args.data_dir, runs=profile.runs))
+            profile.results.parent.mkdir(parents=True, exist_ok=True)
+            with open(profile.results, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            write_table(RESULTS, HERE / "README.md")
-    write_table(RESULTS, HERE / "README.md")
+            write_table(profile.results, HERE / "README.md", profile.table)
+    write_table(profile.results, HERE / "README.md", profile.table)
 
 
 if __name__ == "__main__":

@@ -195,11 +195,12 @@ def _replace(text: str, name: str, body: str) -> str:
     return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
 
 
-def write_table(results: Path, readme: Path) -> None:
-    """Rewrite the generated sections of benchmarks/README.md from every results file."""
+def write_table(results: Path, readme: Path, profile: str = "") -> None:
+    """Rewrite the generated sections of benchmarks/README.md from every results file; `profile`
+    names run_glue.py's sections of GLUE records other than the main table's."""
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    text = _replace(text, "glue-table", render(_records(results)))
-    text = _replace(text, "goals-table", render_goals(_records(results)))
+    text = _replace(text, f"glue{profile}-table", render(_records(results)))
+    text = _replace(text, f"goals{profile}-table", render_goals(_records(results)))
     text = _replace(text, "cost-table", render_cost(_records(results.parent / "cost.jsonl")))
     text = _replace(text, "storage-table", render_storage(_records(results.parent / "storage.jsonl")))
     text = _replace(text, "study-table", render_study(_records(results.parent / "diff_study.jsonl")))

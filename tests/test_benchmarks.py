@@ -21,8 +21,8 @@ import study  # noqa: E402
 import table  # noqa: E402
 
 
-@pytest.mark.parametrize("config", run_glue.planned(["MRPC"], [m for m, _, _ in run_glue.VARIANTS], 2),
-                         ids=run_glue.run_name)
+@pytest.mark.parametrize("config", [config for profile in run_glue.PROFILES.values() for config in run_glue.planned(
+    ["MRPC"], [m for m, _, _ in run_glue.VARIANTS], 2, profile)], ids=run_glue.run_name)
 def test_planned_runs_are_valid_settings(config):
     """A config the benchmark would pass to `diffprune train --config` is accepted as it is
     (a run that fails on its settings costs a queue slot, found only when it starts)."""

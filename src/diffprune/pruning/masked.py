@@ -28,12 +28,23 @@ def straight_through_mask(scores: torch.Tensor, t_forward: float, t_backward: fl
     return soft + (hard - soft).detach()
 
 
+def initial_scores(theta0: torch.Tensor, mean: float, std: float, by_magnitude: bool,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """N(mean, std^2) per entry (the paper: the mask starts blind to the weights), or, `by_magnitude`,
+    mean * |w| / mean(|w|) of the tensor: the scores start in the weights' magnitude order with the
+    same mean, every nonzero weight kept, and training reorders them from there."""
+    if not by_magnitude:
+        return torch.empty_like(theta0).normal_(mean, std, generator=generator)
+    magnitude = theta0.detach().abs()
+    return magnitude * (mean / magnitude.mean().clamp_min(torch.finfo(magnitude.dtype).tiny))
+
+
 class MaskedModel(nn.Module):
     """`names`: the pruned base tensors. `learned`: whether scores train the mask (else fixed)."""
 
     def __init__(self, model: nn.Module, names: list[str], *, learned: bool, t_forward: float = 1e5,
                  t_backward: float = 1.0, init_mean: float = 0.01, init_std: float = 0.001,
-                 generator: torch.Generator | None = None) -> None:
+                 init_by_magnitude: bool = False, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.model = model
         self.names = list(names)
@@ -44,7 +55,7 @@ class MaskedModel(nn.Module):
             p.requires_grad_(False)
         # Scores exist only for a learned mask; a fixed-mask method keeps a boolean buffer alone.
         self.scores = nn.ParameterList(
-            [nn.Parameter(torch.empty_like(p).normal_(init_mean, init_std, generator=generator))
+            [nn.Parameter(initial_scores(p, init_mean, init_std, init_by_magnitude, generator))
              for p in self._theta0] if learned else [])
         for i, p in enumerate(self._theta0):
             self.register_buffer(f"keep_{i}", torch.ones_like(p, dtype=torch.bool))

@@ -38,9 +38,14 @@ class AbpOptions(MaskOptions):
     gamma: float = option(2e-7, "--push loss: the push gamma (the paper's value, for BERT-base at batch 8).")
     prune_begin: float = begin_option()
     prune_reach: float = reach_option()
+    score_init: str = option(
+        "magnitude", "Where the scores start: magnitude (mean * |w| / mean |w| of the tensor: the mask starts in "
+        "the weights' magnitude order and the task reorders it) or paper (N(mean, std^2) for every entry: the "
+        "mask starts blind to the weights; on MiniLM it ends near a random mask, see benchmarks/README.md)."
+    )
     score_init_mean: float = option(0.01, "Mean of the scores' initial values (the paper: 0.01, every entry kept).")
     score_init_std: float = option(
-        0.001, "Standard deviation of the initial scores. The paper writes N(0.01, 0.001) and says every entry "
+        0.001, "--score-init paper: standard deviation of the initial scores. The paper writes N(0.01, 0.001) and says every entry "
         "starts kept: only a deviation of 0.001 makes both true (a variance of 0.001 starts 38% pruned)."
     )
     t_forward: float = option(1e5, "Mask slope of the forward pass, sigmoid(t * score) (1e5: a step).")
@@ -48,6 +53,8 @@ class AbpOptions(MaskOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.score_init not in ("paper", "magnitude"):
+            raise DiffpruneError(f"--score-init must be paper or magnitude, not '{self.score_init}'")
         if self.push not in ("shift", "loss"):
             raise DiffpruneError(f"--push must be shift or loss, not '{self.push}'")
         check_span(self.prune_begin, self.prune_reach)
