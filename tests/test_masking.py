@@ -144,6 +144,7 @@ def test_head_only_changes_no_base_entry(runs):
     ({"sparsity": -0.5}, r"--sparsity must be in \(0, 1\)"),
     ({"prune_scope": "per-row"}, "unknown scope 'per-row'"),
     ({"push": "pull"}, "--push must be shift or loss"),
+    ({"score_init": "blind"}, "--score-init must be paper or magnitude, not 'blind'"),
     ({"head_epochs": -1.0}, "--head-epochs cannot be negative"),
 ])
 def test_bad_abp_options_are_refused(options, message):

@@ -148,6 +148,21 @@ def test_learned_scores_train_and_a_pruned_connection_can_come_back():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # base weights unchanged
 
 
+def test_scores_started_by_magnitude_rank_entries_as_magnitude_pruning_does():
+    model = _bert()
+    names = encoder_linear_weights(model)
+    masked = MaskedModel(model, names, learned=True, init_by_magnitude=True)
+    assert masked.sparsity() == 0.0  # every nonzero weight starts kept
+    for name, score in zip(names, masked.scores):
+        weight = model.get_parameter(name)
+        assert torch.equal(score.detach().reshape(-1).argsort(stable=True),
+                           weight.abs().reshape(-1).argsort(stable=True))
+        assert score.detach().mean().item() == pytest.approx(0.01, rel=1e-5)
+    by_scores = keep_masks([s.detach() for s in masked.scores], masked.total // 2, "per-matrix")
+    by_weights = keep_masks([model.get_parameter(n).abs() for n in names], masked.total // 2, "per-matrix")
+    assert all(torch.equal(a, b) for a, b in zip(by_scores, by_weights))
+
+
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_shifting_the_scores_keeps_exactly_the_count_and_their_order(per_tensor):
     masked = MaskedModel(_bert(), encoder_linear_weights(_bert()), learned=True,
