@@ -237,12 +237,34 @@ def run(args) -> None:
         if done_before(measure, options) and not args.force:
             print(f"skipping {measure} {options}: recorded")
             continue
-        load = os.getloadavg()
+        load, before = os.getloadavg(), cpu_seconds()
         figures = fn()
         rec = record(measure, options, figures)
         rec["loadavg"] = [round(x, 2) for x in load]
-        rec["contended"] = load[0] > 0.5
+        rec["others_cpu_share"] = others_share(before, cpu_seconds())
+        # the load average trails by a minute; what other processes took during the measure does not
+        rec["contended"] = rec["others_cpu_share"] > 0.1 if rec["others_cpu_share"] is not None else load[0] > 0.5
         append(rec)
+
+
+def cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall, CPU seconds every process used, CPU seconds this one and its children used); None
+    where /proc/stat is missing (not Linux)."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = sum(os.times()[:4])
+    return time.time(), busy, own
+
+
+def others_share(before, after) -> float | None:
+    """The share of the machine's cores that other processes kept busy between two cpu_seconds()."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return round(max(0.0, others) / ((after[0] - before[0]) * os.cpu_count()), 3)
 
 
 def write_table() -> None:

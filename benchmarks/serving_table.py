@@ -17,7 +17,8 @@ def latest(rows: list[dict], measure: str) -> list[dict]:
 
 
 def load_note(r: dict) -> str:
-    return f"{r['loadavg'][0]:.2f}" + (" (contended)" if r.get("contended") else "")
+    others = f", others {100 * r['others_cpu_share']:.0f}%" if r.get("others_cpu_share") is not None else ""
+    return f"{r['loadavg'][0]:.2f}{others}" + (" (contended)" if r.get("contended") else "")
 
 
 def _ms(value: float | None) -> str:
@@ -29,7 +30,9 @@ def table(rows: list[dict]) -> str:
         return "No records yet: run `python benchmarks/serving.py`."
     out = ["Random 0.5% add patches on sentence-transformers/all-MiniLM-L6-v2 (timing and memory depend on how "
            "many entries a patch changes and where, not on their values); 2 torch threads unless said. "
-           "Load: the 1-minute load average at the start of the measure; above 0.5 other work shared the cores.",
+           "Load: the 1-minute load average at the start of the measure and, where recorded, the share of the "
+           "cores other processes used during it (contended: over 10%; where not recorded, a load average "
+           "over 0.5).",
            ""]
     if latest(rows, "apply_revert"):
         out += ["Switching: apply + revert of one patch (goal ≤ 1 ms), as the task bank holds it (the compact "

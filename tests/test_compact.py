@@ -97,8 +97,40 @@ def base(tmp_path_factory):
     return load_base(str(tiny_bert(tmp_path_factory.mktemp("compact-bert") / "m", dropout=0.0)), 2)
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 10**6])
+def test_a_work_split_covers_every_entry_once_in_order_in_balanced_parts(parts):
+    from diffprune.patch import compact_kernels as k
+
+    c = CompactDiffs.of(diffs(), torch.float32)
+    work, bounds = k.split(c.stream, c.table, parts)
+    assert bounds.size == parts + 1 and bounds[0] == 0 and bounds[-1] == len(work)
+    runs = [(t, e, end) for t, _, e, end, _ in work]
+    assert [e for _, e, _ in runs] == [0] + [end for _, _, end in runs[:-1]] and runs[-1][2] == c.nnz
+    sizes = [int((work[a:b, k.W_END] - work[a:b, k.W_ENTRY]).sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert max(sizes) - min(sizes) <= 1
+    for t, byte, e, end, prev in work:  # each run decodes its own entries from where it starts
+        whole = c.positions(t)
+        first = e - c.table[t, 1]
+        assert prev == (whole[first - 1] if first else -1)
+        got = _decode_from(k, c.stream, byte, prev, end - e)
+        assert np.array_equal(got, whole[first: first + end - e])
+
+
+def _decode_from(k, stream, byte, prev, n):
+    out = []
+    for _ in range(n):
+        prev, byte = k.next_position(stream, byte, prev)
+        out.append(prev)
+    return np.array(out, np.int64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_a_compact_patch_applies_as_its_task_patch_and_reverts_bit_for_bit(base, dtype):
+def test_a_compact_patch_applies_as_its_task_patch_and_reverts_bit_for_bit(base, dtype, threads, monkeypatch):
+    from diffprune.patch import apply
+
+    monkeypatch.setattr(apply, "PARALLEL_ENTRIES", 0)  # every apply on `threads` threads
+    monkeypatch.setattr(apply, "kernel_threads", lambda: threads)
     patch = random_patch(base, 0.05, 2, scale=0.3)
     for d in patch.diffs.values():
         d.values = d.values.to(dtype).float()

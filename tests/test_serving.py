@@ -14,6 +14,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.patch import TaskPatch
 from diffprune.patch.apply import apply_patch
 from diffprune.patch.compact import CompactDiffs, CompactPatch
+from diffprune.patch.model_state import state_of
 from diffprune.patch.kinds import SparseDiff
 from diffprune.serving import Engine, Request, TaskBank, UnknownTask
 from diffprune.serving.synthetic import random_patch
@@ -188,7 +189,7 @@ def test_the_memory_bound_lets_the_least_recently_used_leave(folder, base):
 def test_a_loaded_task_keeps_one_compact_form_that_switching_reads(folder, base):
     """A patch that can join mixed batches is kept as gap-coded positions and the file's values
     (float16 here), near its file's size; switching applies that very form, keeping only the
-    index of the tensors it writes. A mask patch is kept as its TaskPatch."""
+    index of the tensors it writes and its work split. A mask patch is kept as its TaskPatch."""
     bank = TaskBank(base, folder)
     assert isinstance(bank.get("m").patch, TaskPatch)
     random_patch(base, 0.05, 2, seed=7, task="fp16").save(folder / "fp16.safetensors")
@@ -202,7 +203,9 @@ def test_a_loaded_task_keeps_one_compact_form_that_switching_reads(folder, base)
     assert c.bits.nbytes == 2 * c.nnz and c.stream.nbytes < 1.5 * c.nnz
     assert before <= 1.2 * (folder / "fp16.safetensors").stat().st_size
     Engine(bank).run([Request("fp16", TEXTS)])
-    assert bank.task_bytes(task) == before + 8 * len(c.names)
+    split = sum(w.nbytes + b.nbytes for w, b in state_of(base.model).prepared_for(task.patch).splits.values())
+    assert 0 < split <= 40 * (len(c.names) + 2) + 8 * 3  # a run per tensor (and per cut), its bounds
+    assert bank.task_bytes(task) == before + 8 * len(c.names) + split
 
 
 def test_patches_are_added_and_removed_while_serving(folder, base, tmp_path_factory):

@@ -35,6 +35,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.patch.compact import CompactDiffs, CompactPatch, kernels, powers_of_two
 from diffprune.patch.kinds import ADD, SPARSE, SparseDiff
 from diffprune.patch.model_state import Entry, Fingerprint, Flats, ModelState, Prepared, Written, state_of
+from diffprune.sparse.kernel import kernel_threads, pool
 
 if TYPE_CHECKING:
     from diffprune.patch.taskpatch import TaskPatch
@@ -52,7 +53,8 @@ class AppliedPatch:
         self._undo: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._head: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._whole: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # small tensors: (flat, base copy)
-        self._compact: tuple[Prepared, tuple] | None = None  # what the kernel wrote; (entries, positions)
+        # what the kernels wrote: (prepared, (entries, positions) kept, the split they ran on)
+        self._compact: tuple[Prepared, tuple, tuple] | None = None
         self._touched_base: dict[str, nn.Parameter] = {}
         self._written = Written()
         self._state, self._fingerprint = state, fingerprint
@@ -65,8 +67,12 @@ class AppliedPatch:
     def _restore(self) -> None:
         with torch.no_grad():
             if self._compact is not None:
-                prepared, kept = self._compact
-                kernels().revert_add(prepared.flats.arrays, prepared.which, prepared.compact.table, *kept)
+                prepared, kept, (work, bounds) = self._compact
+                if bounds.size == 2:
+                    kernels().revert_add(prepared.flats.arrays, prepared.which, work, *kept)
+                else:
+                    with pool(bounds.size - 1):
+                        kernels().revert_add_parallel(prepared.flats.arrays, prepared.which, work, bounds, *kept)
                 torch.autograd.graph.increment_version(list(prepared.touched.values()))
                 if self._state is not None:
                     self._state.give_back(kept)
@@ -247,11 +253,31 @@ def _plan(patch: TaskPatch | CompactPatch, prepared: Prepared, flats: Flats) -> 
 def _write_compact(prepared: Prepared, applied: AppliedPatch, state: ModelState) -> None:
     c = prepared.compact
     kept = state.take_buffers(c.nnz)
-    kernels().apply_add(prepared.flats.arrays, prepared.which, c.stream, c.bits, c.code, powers_of_two(), c.table,
-                        *kept)
+    work, bounds = _split(prepared, kernel_threads())
+    if bounds.size == 2:
+        kernels().apply_add(prepared.flats.arrays, prepared.which, c.stream, c.bits, c.code, powers_of_two(), work,
+                            *kept)
+    else:
+        with pool(bounds.size - 1):
+            kernels().apply_add_parallel(prepared.flats.arrays, prepared.which, c.stream, c.bits, c.code,
+                                         powers_of_two(), work, bounds, *kept)
     torch.autograd.graph.increment_version(list(prepared.touched.values()))  # torch does not see numba write
-    applied._compact = (prepared, kept)
+    applied._compact = (prepared, kept, (work, bounds))
     applied._touched_base.update(prepared.touched)
+
+
+# Below this many entries an apply runs on one thread: waking a second one costs more than it
+# saves there. An apply is bound by the latency of its scattered reads of the weights, and a
+# second core keeps as many more of them in flight.
+PARALLEL_ENTRIES = 8192
+
+
+def _split(prepared: Prepared, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The compact changes cut into one run of entries per thread, found on first use."""
+    threads = threads if prepared.compact.nnz >= PARALLEL_ENTRIES else 1
+    if threads not in prepared.splits:
+        prepared.splits[threads] = kernels().split(prepared.compact.stream, prepared.compact.table, threads)
+    return prepared.splits[threads]
 
 
 def _write(patch: TaskPatch | CompactPatch, params: dict[str, nn.Parameter], applied: AppliedPatch,

@@ -150,29 +150,78 @@ def prefetch(typingctx, address):
     return sig, codegen
 
 
+# Columns of a work split (`split`): tensor, first byte, first entry, entry past the last,
+# and the position before the first entry.
+W_TENSOR, W_BYTE, W_ENTRY, W_END, W_PREV = range(5)
+
+
 @nb.njit(**JIT)
-def apply_add(flats, which, stream, bits, code, pow2, table, save, where):
-    """Add every tensor's values at its positions in flats[which[t]], keeping the entries that
-    were there (save[e]) and their positions (where[e]) for the revert, which writes back the
-    very bits without decoding again."""
+def split(stream, table, parts):
+    """Cut every tensor's entries into `parts` runs of about equal counts, in order, as rows of
+    work (W_* columns) and the first row of each part (bounds, parts + 1 of them). A cut inside
+    a tensor decodes up to it once, here, so that each part starts decoding where it begins."""
+    total = table[:, NNZ].sum()
+    rows = np.empty((table.shape[0] + parts, 5), np.int64)
+    bounds = np.zeros(parts + 1, np.int64)
+    r = 0
+    part = 1
+    done = 0  # entries before the current row's first
     for t in range(table.shape[0]):
-        flat, k, e, end = flats[which[t]], table[t, BYTE], table[t, ENTRY], table[t, ENTRY] + table[t, NNZ]
-        address = flat.ctypes.data
+        k, e, end = table[t, BYTE], table[t, ENTRY], table[t, ENTRY] + table[t, NNZ]
         pos = np.int64(-1)
         while e < end:
-            n = min(CHUNK, end - e)
-            for j in range(e, e + n):
-                pos, k = next_position(stream, k, pos)
-                where[j] = pos
-                prefetch(address + 4 * pos)  # positions are below the tensor's size (checked when built)
-            for j in range(e, e + n):
-                save[j] = flat[where[j]]
-            # One loop per value dtype: a test of the dtype per entry makes the loop 3 to 10x slower.
-            if code == FLOAT32:
-                _add(flat, where, save, e, n, bits.view(np.float32))
-            else:
-                _add_widened(flat, where, save, e, n, bits, code, pow2)
-            e += n
+            cut = (total * part) // parts  # this part ends at entry `cut` of the whole patch
+            stop = min(end, e + max(cut - done, 0)) if part < parts else end
+            if stop > e:
+                rows[r, W_TENSOR], rows[r, W_BYTE], rows[r, W_ENTRY], rows[r, W_END], rows[r, W_PREV] = t, k, e, stop, pos
+                r += 1
+                for _ in range(e, stop):
+                    pos, k = next_position(stream, k, pos)
+                done += stop - e
+                e = stop
+            if part < parts and done >= cut:
+                bounds[part] = r
+                part += 1
+    bounds[part:] = r
+    return rows[:r].copy(), bounds
+
+
+@nb.njit(**JIT)
+def apply_add(flats, which, stream, bits, code, pow2, work, save, where):
+    """Add every tensor's values at its positions in flats[which[t]], keeping the entries that
+    were there (save[e]) and their positions (where[e]) for the revert, which writes back the
+    very bits without decoding again. `work`: rows of `split`, all of them here."""
+    for r in range(work.shape[0]):
+        _apply_run(flats[which[work[r, W_TENSOR]]], stream, bits, code, pow2, work[r], save, where)
+
+
+@nb.njit(parallel=True, **JIT)
+def apply_add_parallel(flats, which, stream, bits, code, pow2, work, bounds, save, where):
+    """apply_add with each part of the split on a thread of its own (the parts write distinct
+    entries: a patch's positions are unique)."""
+    for part in nb.prange(bounds.size - 1):
+        for r in range(bounds[part], bounds[part + 1]):
+            _apply_run(flats[which[work[r, W_TENSOR]]], stream, bits, code, pow2, work[r], save, where)
+
+
+@nb.njit(inline="always", **JIT)
+def _apply_run(flat, stream, bits, code, pow2, run, save, where):
+    address = flat.ctypes.data
+    k, e, end, pos = run[W_BYTE], run[W_ENTRY], run[W_END], run[W_PREV]
+    while e < end:
+        n = min(CHUNK, end - e)
+        for j in range(e, e + n):
+            pos, k = next_position(stream, k, pos)
+            where[j] = pos
+            prefetch(address + 4 * pos)  # positions are below the tensor's size (checked when built)
+        for j in range(e, e + n):
+            save[j] = flat[where[j]]
+        # One loop per value dtype: a test of the dtype per entry makes the loop 3 to 10x slower.
+        if code == FLOAT32:
+            _add(flat, where, save, e, n, bits.view(np.float32))
+        else:
+            _add_widened(flat, where, save, e, n, bits, code, pow2)
+        e += n
 
 
 @nb.njit(inline="always", **JIT)
@@ -188,9 +237,20 @@ def _add_widened(flat, where, save, e, n, bits, code, pow2):
 
 
 @nb.njit(**JIT)
-def revert_add(flats, which, table, save, where):
+def revert_add(flats, which, work, save, where):
     """Write the saved entries back where apply_add found them."""
-    for t in range(table.shape[0]):
-        flat = flats[which[t]]
-        for e in range(table[t, ENTRY], table[t, ENTRY] + table[t, NNZ]):
-            flat[where[e]] = save[e]
+    for r in range(work.shape[0]):
+        _revert_run(flats[which[work[r, W_TENSOR]]], work[r], save, where)
+
+
+@nb.njit(parallel=True, **JIT)
+def revert_add_parallel(flats, which, work, bounds, save, where):
+    for part in nb.prange(bounds.size - 1):
+        for r in range(bounds[part], bounds[part + 1]):
+            _revert_run(flats[which[work[r, W_TENSOR]]], work[r], save, where)
+
+
+@nb.njit(inline="always", **JIT)
+def _revert_run(flat, run, save, where):
+    for e in range(run[W_ENTRY], run[W_END]):
+        flat[where[e]] = save[e]

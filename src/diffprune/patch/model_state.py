@@ -116,6 +116,7 @@ class Prepared(dict):
         self.flats: Flats | None = None
         self.which: np.ndarray | None = None  # compact tensor t is flats.arrays[which[t]]
         self.touched: dict[str, nn.Parameter] = {}  # the parameters the kernels write
+        self.splits: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # threads -> the kernels' work split
 
     def reset(self) -> None:
         self.clear()
@@ -130,6 +131,7 @@ class Prepared(dict):
             extra += 0 if e.values is e.diff.values else e.values.nbytes
         if self.compact is not None:
             extra += self.which.nbytes + (self.compact.nbytes if self.own_compact else 0)
+            extra += sum(work.nbytes + bounds.nbytes for work, bounds in self.splits.values())
         return extra
 
 
