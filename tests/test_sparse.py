@@ -31,18 +31,19 @@ def _pruned_linear(out_f, in_f, sparsity, bias=True, seed=0):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
 @pytest.mark.parametrize("shape", [(32, 32), (96, 32), (17, 50), (1, 7)])
-@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (1, 128)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (17,), (1, 40), (1, 128)])
 def test_sparse_linear_equals_dense(sparsity, shape, lead):
+    """Whole and partial token tiles (16 and 32 wide), widths a multiple of 8 (shuffled blocks)
+    and not."""
     linear = _pruned_linear(*shape, sparsity)
     sparse = SparseLinear.from_linear(linear)
     x = torch.randn(*lead, shape[1])
     with torch.no_grad():
         expected = linear(x)
-        for transposed in (False, True):
-            sparse.transposed_output = transposed
-            y = sparse(x)
-            assert y.shape == expected.shape
-            assert (y - expected).abs().max() <= TOL
+        y = sparse(x)
+        assert y.shape == expected.shape
+        assert (y - expected).abs().max() <= TOL
+        assert torch.equal(sparse(x.transpose(0, -1).contiguous().transpose(0, -1)), y)  # a strided input
 
 
 def test_empty_and_full_rows_no_bias_and_two_threads():
@@ -53,13 +54,14 @@ def test_empty_and_full_rows_no_bias_and_two_threads():
         linear.weight[6, :5] = torch.randn(5)  # 4 at a time plus a remainder
     sparse = SparseLinear.from_linear(linear)
     assert sparse.dense_weight().equal(linear.weight.detach())
-    x = torch.randn(2, 9, 24)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            with torch.no_grad():
-                assert (sparse(x) - linear(x)).abs().max() <= TOL
+            # one tile: two threads split its rows; four tiles: they split the tiles
+            for x in (torch.randn(2, 9, 24), torch.randn(2, 64, 24)):
+                with torch.no_grad():
+                    assert (sparse(x) - linear(x)).abs().max() <= TOL
             if n <= kernel.max_threads():  # numba runs on the threads torch was told
                 assert kernel.kernel_threads() == n
                 if n > 1:
@@ -68,14 +70,16 @@ def test_empty_and_full_rows_no_bias_and_two_threads():
         torch.set_num_threads(threads)
 
 
-def test_row_blocks_balance_nonzeros():
+def test_row_cuts_balance_nonzeros_at_multiples_of_eight():
     import numpy as np
 
-    indptr = np.array([0, 100, 100, 101, 102, 103, 200], np.int32)
-    blocks = kernel.row_blocks(indptr, 2)
-    assert blocks[0] == 0 and blocks[-1] == 6 and list(blocks) == sorted(set(blocks))
-    halves = [indptr[b] - indptr[a] for a, b in zip(blocks[:-1], blocks[1:])]
-    assert max(halves) <= 103  # not 3 rows each (103 and 97 would be luck; 200 and 3 would not)
+    counts = np.array([100] + [1] * 30 + [100])  # the nonzeros piled into the first and last rows
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    cuts = kernel.row_cuts(indptr, 2)
+    assert cuts[0] == 0 and cuts[-1] == 32 and list(cuts) == sorted(set(cuts))
+    assert all(c % 8 == 0 for c in cuts)
+    halves = [indptr[b] - indptr[a] for a, b in zip(cuts[:-1], cuts[1:])]
+    assert max(halves) <= 124  # about half each, not 16 rows each by count
 
 
 def test_repeated_input_changed_in_place_is_transposed_again():
@@ -278,3 +282,16 @@ def test_a_pruning_run_scores_the_same_sparse_and_times_from_run_and_patch(tiny_
         assert json.loads(result.stdout)["max_abs_diff"] <= TOL
     base, report = load_sparse(tmp_path / "patch.safetensors", length=8)
     assert sum(layer.density < 1 for layer in report.layers) == 12
+
+
+def test_wide_column_indices_give_the_same_outputs():
+    """Inputs wider than 32,768 features store column indices in 4 bytes: the same kernel path."""
+    linear = _pruned_linear(24, 40, 0.7)
+    narrow = SparseLinear.from_linear(linear)
+    wide = SparseLinear(40, 24, narrow.indptr.numpy(), narrow.indices.numpy().astype("int32"),
+                        narrow.values.numpy(), linear.bias)
+    for tokens in (3, 70):
+        x = torch.randn(tokens, 40)
+        with torch.no_grad():
+            assert torch.equal(wide(x), narrow(x))
+            assert (wide(x) - linear(x)).abs().max() <= TOL

@@ -19,8 +19,8 @@ import numpy as np
 
 from diffprune.patch.compact_kernels import BLOCK, BYTE, CHECK, CK_BYTE, CK_ENTRY, CK_PREV, ENTRY, FLOAT32, NNZ
 from diffprune.patch.compact_kernels import next_position, widen
-from diffprune.serving.simd import transpose8
-from diffprune.sparse.kernel import kernel_threads, numba, pool
+from diffprune.sparse.simd import transpose8
+from diffprune.sparse.kernel import kernel_threads, numba, pool, scratch
 
 nb = numba()  # configured once for every kernel of the library (its threading layer: sparse/kernel.py)
 TILE = 64  # tokens per tile: a transposed row is four 64-byte vectors, the tile stays in L1 / L2
@@ -116,17 +116,6 @@ def _add_transposed(yt, y, b, t0, m):
     for o in range(n):
         for j in range(m):
             y[b, t0 + j, o] += yt[o, j]
-
-
-_SCRATCH = [np.empty((0, 0), np.float32)]
-
-
-def scratch(floats: int) -> np.ndarray:
-    """A row of `floats` per numba thread, kept between calls (fresh pages would cost a fault
-    each 4 KiB on every call); taken inside the pool, where the kernels run one at a time."""
-    if _SCRATCH[0].shape[1] < floats:
-        _SCRATCH[0] = np.empty((nb.config.NUMBA_NUM_THREADS, floats), np.float32)
-    return _SCRATCH[0]
 
 
 @nb.njit(**PARALLEL)

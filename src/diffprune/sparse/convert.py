@@ -103,9 +103,6 @@ def _convert(model: nn.Module, name: str, linear: nn.Linear, tokens: int, choose
     if density == 1.0:
         return LayerChoice(name, shape, density, None, None, "dense")
     sparse = SparseLinear.from_linear(linear)
-    # An expanding layer (the FFN's first) feeds an activation and then the next Linear: its
-    # output left transposed flows through both with no copy (measured: see SparseLinear).
-    sparse.transposed_output = linear.out_features > linear.in_features
     dense_us = sparse_us = None
     if choose == "measure":
         dense_us, sparse_us = _time_pair(linear, sparse, tokens, repeats)

@@ -1,13 +1,19 @@
-"""The sparse CPU kernel: y^T = W x^T + b with W in compressed rows (CSR), compiled by numba.
+"""The sparse CPU kernel: y = x W^T + b with W in compressed rows (CSR), compiled by numba.
 
-Layout: the activations are used transposed, one row per input feature holding that feature's
-value for every token, so each nonzero w[o, i] updates the contiguous token vector y^T[o, :]
-with w * x^T[i, :]: a vectorised multiply-add over tokens, no gather. Nonzeros are taken eight
-(then four) at a time so that each pass over y^T[o, :] does eight multiply-adds per load and
-store of it (measured: 5 to 15% faster than four at a time on 384 x 1536 at 80 to 95%).
+Layout: x (tokens, in) and y (tokens, out) stay as torch keeps them, row-major. The tokens are
+taken in tiles (16 of them for up to 16 tokens, else 32): a tile of x is transposed into a
+per-thread buffer (one row of tile floats per input feature, in 8 x 8 blocks of vector shuffles,
+simd.py), so that each nonzero w[o, i] is one or two vector multiply-adds of that buffer's row i
+into the tile's outputs for row o, which stay in vector registers for the whole row
+(simd.ROW_TILE); the tile's outputs are transposed back into y. No transpose by torch: they cost
+more than the kernel itself (a 128 x 1536 output took ~230 µs to copy back; measured).
 
-Threads: the rows are cut into blocks of equal nonzero counts, one block per thread, run by
-numba's `prange` on as many threads as torch uses (`torch.get_num_threads()`) when called.
+Threads: the output rows are cut into one block per thread, of about equal nonzero counts, each
+block computed over every tile of tokens, by numba's `prange` on as many threads as torch uses
+(`torch.get_num_threads()`). Cutting the tiles instead would have each thread read the whole
+weight: in a model, where 36 layers' weights do not stay in cache between calls, that took the
+second thread's gain away (MiniLM at 95%: the kernels' time in a forward was the same on two
+threads as on one; measured).
 The pool is numba's TBB layer where the tbb package is installed (a dependency on x86-64),
 else its own "workqueue" layer, never its OpenMP layer unless NUMBA_THREADING_LAYER asks: that
 one loads a second OpenMP runtime beside torch's, and the two runtimes' threads spin for
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -54,48 +61,80 @@ def _compile() -> dict[str, object]:
     if _KERNELS:
         return _KERNELS
     nb = numba()
-    # 'contract' lets LLVM fuse multiply and add (FMA); no other fast-math licence, so NaN and
-    # infinities in the activations propagate exactly as in dense arithmetic.
-    jit = dict(fastmath={"contract"}, nogil=True, cache=True)
+    from diffprune.sparse.simd import ROW_TILE, transpose8
+
+    jit = dict(nogil=True, cache=True)
+    row_16_i16, row_16_i32, row_32_i16, row_32_i32 = (ROW_TILE[(1, 2)], ROW_TILE[(1, 4)], ROW_TILE[(2, 2)],
+                                                      ROW_TILE[(2, 4)])
+
+    @nb.njit(inline="always", **jit)
+    def load_tile(x, xt, t0, m, tile):
+        """xt[i, j] = x[t0 + j, i] for the tile's m tokens, zero beyond them."""
+        n = x.shape[1]
+        if m == tile and n % 8 == 0:
+            src, dst = x.ctypes.data + 4 * t0 * n, xt.ctypes.data
+            for i0 in range(0, n, 8):
+                for j0 in range(0, tile, 8):
+                    transpose8(src + 4 * (j0 * n + i0), n, dst + 4 * (i0 * tile + j0), tile, False)
+            return
+        xt[:, m:] = 0
+        for i in range(n):
+            for j in range(m):
+                xt[i, j] = x[t0 + j, i]
+
+    @nb.njit(inline="always", **jit)
+    def store_tile(yt, y, t0, m, r0, r1, tile):
+        """y[t0 + j, o] = yt[o, j] for the tile's m tokens and rows r0 .. r1."""
+        n = y.shape[1]
+        if m == tile and r0 % 8 == 0 and r1 % 8 == 0:
+            src, dst = yt.ctypes.data, y.ctypes.data + 4 * t0 * n
+            for o0 in range(r0, r1, 8):
+                for j0 in range(0, tile, 8):
+                    transpose8(src + 4 * (o0 * tile + j0), tile, dst + 4 * (j0 * n + o0), n, False)
+            return
+        for o in range(r0, r1):
+            for j in range(m):
+                y[t0 + j, o] = yt[o, j]
+
+    @nb.njit(inline="always", **jit)
+    def run(indptr, indices, data, x, bias, y, mine, row_cuts, tile, first, last):
+        """Work items first .. last - 1 (block-major: a block of output rows over every tile of
+        tokens, then the next block), with buffer `mine`."""
+        tokens, n_in, n_out = x.shape[0], x.shape[1], y.shape[1]
+        xt = mine[: n_in * tile].reshape((n_in, tile))
+        yt = mine[n_in * tile: (n_in + n_out) * tile].reshape((n_out, tile))
+        xa, ya, ia, da = xt.ctypes.data, yt.ctypes.data, indices.ctypes.data, data.ctypes.data
+        tiles, narrow = (tokens + tile - 1) // tile, indices.itemsize == 2
+        for item in range(first, last):
+            t0 = (item % tiles) * tile
+            m = min(tile, tokens - t0)
+            r0, r1 = row_cuts[item // tiles], row_cuts[item // tiles + 1]
+            load_tile(x, xt, t0, m, tile)
+            for o in range(r0, r1):
+                k0, k1, out = np.int64(indptr[o]), np.int64(indptr[o + 1]), ya + 4 * tile * o
+                if tile == 16 and narrow:
+                    row_16_i16(xa, ia, da, k0, k1, bias[o], out)
+                elif tile == 16:
+                    row_16_i32(xa, ia, da, k0, k1, bias[o], out)
+                elif narrow:
+                    row_32_i16(xa, ia, da, k0, k1, bias[o], out)
+                else:
+                    row_32_i32(xa, ia, da, k0, k1, bias[o], out)
+            store_tile(yt, y, t0, m, r0, r1, tile)
 
     @nb.njit(**jit)
-    def rows(indptr, indices, data, xT, bias, yT, r0, r1):
-        tokens = xT.shape[1]
-        for o in range(r0, r1):
-            acc = yT[o]
-            b = bias[o]
-            for t in range(tokens):
-                acc[t] = b
-            k = indptr[o]
-            end = indptr[o + 1]
-            while k + 8 <= end:
-                w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-                w4, w5, w6, w7 = data[k + 4], data[k + 5], data[k + 6], data[k + 7]
-                x0, x1, x2, x3 = xT[indices[k]], xT[indices[k + 1]], xT[indices[k + 2]], xT[indices[k + 3]]
-                x4, x5, x6, x7 = xT[indices[k + 4]], xT[indices[k + 5]], xT[indices[k + 6]], xT[indices[k + 7]]
-                for t in range(tokens):
-                    acc[t] += ((w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t])
-                               + (w4 * x4[t] + w5 * x5[t] + w6 * x6[t] + w7 * x7[t]))
-                k += 8
-            while k + 4 <= end:
-                w0, w1, w2, w3 = data[k], data[k + 1], data[k + 2], data[k + 3]
-                x0, x1, x2, x3 = xT[indices[k]], xT[indices[k + 1]], xT[indices[k + 2]], xT[indices[k + 3]]
-                for t in range(tokens):
-                    acc[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]
-                k += 4
-            while k < end:
-                w0 = data[k]
-                x0 = xT[indices[k]]
-                for t in range(tokens):
-                    acc[t] += w0 * x0[t]
-                k += 1
+    def spmm(indptr, indices, data, x, bias, y, scratch, row_cuts, tile):
+        run(indptr, indices, data, x, bias, y, scratch[0], row_cuts, tile, 0,
+            ((x.shape[0] + tile - 1) // tile) * (row_cuts.size - 1))
 
     @nb.njit(parallel=True, **jit)
-    def spmm(blocks, indptr, indices, data, xT, bias, yT):
-        for b in nb.prange(blocks.shape[0] - 1):
-            rows(indptr, indices, data, xT, bias, yT, blocks[b], blocks[b + 1])
+    def spmm_parallel(indptr, indices, data, x, bias, y, scratch, row_cuts, tile, parts):
+        items = ((x.shape[0] + tile - 1) // tile) * (row_cuts.size - 1)
+        for p in nb.prange(parts):
+            run(indptr, indices, data, x, bias, y, scratch[nb.get_thread_id()], row_cuts, tile,
+                p * items // parts, (p + 1) * items // parts)
 
-    _KERNELS.update(rows=rows, spmm=spmm)
+    _KERNELS.update(spmm=spmm, spmm_parallel=spmm_parallel)
     return _KERNELS
 
 
@@ -116,13 +155,21 @@ def csr_from_dense(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.nda
     return indptr, cols.numpy().astype(index_type), w[rows, cols].numpy().copy()
 
 
-def row_blocks(indptr: np.ndarray, parts: int) -> np.ndarray:
+def row_cuts(indptr: np.ndarray, parts: int) -> np.ndarray:
     """Boundaries of `parts` consecutive row ranges holding about equal numbers of nonzeros
-    (a learned pattern can pile its nonzeros into a few rows), as int64 for the kernel."""
+    (a learned pattern can pile its nonzeros into a few rows), at multiples of 8 (the block
+    transposes' unit), as int64 for the kernel."""
     n_rows, nnz = len(indptr) - 1, int(indptr[-1])
     targets = np.linspace(0, nnz, parts + 1)[1:-1]
-    cuts = np.searchsorted(indptr, targets, side="left").clip(0, n_rows)
-    return np.unique(np.concatenate([[0], cuts, [n_rows]])).astype(np.int64)
+    cuts = np.searchsorted(indptr, targets, side="left") // 8 * 8
+    return np.unique(np.concatenate([[0], cuts.clip(0, n_rows), [n_rows]])).astype(np.int64)
+
+
+def tile_width(tokens: int) -> int:
+    """Tokens per tile: 16 for up to 16 tokens (a wider tile computes padding), else 32 (measured
+    on MiniLM's shapes at 128 tokens: 32 and 64 level, 16 up to 2x slower: each entry's index and
+    value are read once per tile)."""
+    return 16 if tokens <= 16 else 32
 
 
 _MAX_THREADS: list[int] = []
@@ -141,15 +188,31 @@ def kernel_threads() -> int:
     return min(torch.get_num_threads(), max_threads())
 
 
-def sparse_matmul_t(blocks: np.ndarray, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-                    xT: np.ndarray, bias: np.ndarray, yT: np.ndarray, threads: int) -> None:
-    """yT[o, :] = bias[o] + sum_k data[k] * xT[indices[k], :] over row o's nonzeros, on `threads`."""
-    kernels = _compile()
-    if threads == 1:
-        kernels["rows"](indptr, indices, data, xT, bias, yT, 0, len(indptr) - 1)
-        return
+def sparse_matmul(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, x: np.ndarray, bias: np.ndarray,
+                  y: np.ndarray, cuts: Callable[[int], np.ndarray], threads: int) -> None:
+    """y[t, o] = bias[o] + sum_k data[k] * x[t, indices[k]] over row o's nonzeros, on `threads`
+    threads; x and y C-contiguous float32; cuts(blocks): the row blocks (row_cuts), cached by
+    the caller."""
+    kernels, tokens = _compile(), x.shape[0]
+    tile = tile_width(tokens)
     with pool(threads):
-        kernels["spmm"](blocks, indptr, indices, data, xT, bias, yT)
+        buffers = scratch((x.shape[1] + y.shape[1]) * tile)
+        if threads == 1:
+            kernels["spmm"](indptr, indices, data, x, bias, y, buffers, cuts(1), tile)
+        else:
+            blocks = cuts(threads)
+            kernels["spmm_parallel"](indptr, indices, data, x, bias, y, buffers, blocks, tile, len(blocks) - 1)
+
+
+_SCRATCH = [np.empty((0, 0), np.float32)]
+
+
+def scratch(floats: int) -> np.ndarray:
+    """A row of `floats` per numba thread, kept between calls (fresh pages would cost a fault
+    each 4 KiB on every call); taken inside the pool, where the kernels run one at a time."""
+    if _SCRATCH[0].shape[1] < floats:
+        _SCRATCH[0] = np.empty((numba().config.NUMBA_NUM_THREADS, floats), np.float32)
+    return _SCRATCH[0]
 
 
 @contextmanager

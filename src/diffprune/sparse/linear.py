@@ -2,10 +2,8 @@
 
 The weight becomes three buffers (row pointers, column indices, values), so `state_dict`,
 `.to()` and printing need no special case; the bias stays a parameter. The forward pass hands
-the kernel the input transposed (tokens contiguous per feature) and returns the output as a
-transposed view of the kernel's result, with no copy: torch's elementwise ops keep that
-layout, so a following SparseLinear (the FFN's second matrix, after GELU) finds its input
-already transposed and copies nothing either.
+the kernel the input as torch holds it (rows of tokens) and gets the output the same way: the
+kernel transposes tiles of tokens inside, in cache (kernel.py).
 
 Inference only, on float32 CPU tensors: the kernel computes no gradient, so a call that would
 need one is refused rather than answered with a tensor that silently has none.
@@ -13,39 +11,12 @@ need one is refused rather than answered with a tensor that silently has none.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 from torch import nn
 
 from diffprune.errors import DiffpruneError
 from diffprune.sparse import kernel
-
-
-class _LastTransposed(threading.local):
-    """The last input transposed, kept (per thread) for the next call: attention's query, key
-    and value projections read the same tensor, which is then transposed once, not three times.
-    Reused only for the very same tensor object at the same version (unchanged in place), so
-    not under torch.inference_mode, whose tensors keep no version."""
-
-    source: torch.Tensor | None = None
-    version: int = -1
-    transposed: torch.Tensor | None = None
-
-    def of(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        if x2.t().is_contiguous():  # already laid out by a previous SparseLinear: free
-            return x2.t()
-        if x.is_inference():  # no version counter: an in-place change could not be seen
-            self.source = self.transposed = None
-            return x2.t().contiguous()
-        if self.source is x and self.version == x._version:
-            return self.transposed
-        self.source, self.version, self.transposed = x, x._version, x2.t().contiguous()
-        return self.transposed
-
-
-_last = _LastTransposed()
 
 
 class SparseLinear(nn.Module):
@@ -66,12 +37,8 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False) if bias is not None \
             else None
         self._zero_bias = zeros.numpy()
-        self._blocks: dict[int, np.ndarray] = {}
+        self._cuts: dict[int, np.ndarray] = {}
         self._views: tuple | None = None
-        # Whether forward returns the kernel's output as a transposed view (no copy). It pays
-        # where the next consumers are elementwise ops and another SparseLinear (the FFN's
-        # expansion), and costs where they want contiguous rows (attention's fast kernel).
-        self.transposed_output = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -116,10 +83,10 @@ class SparseLinear(nn.Module):
             self._views = (where, (self.indptr.numpy(), self.indices.numpy(), self.values.numpy(), bias))
         return self._views[1]
 
-    def _row_blocks(self, threads: int) -> np.ndarray:
-        if threads not in self._blocks:
-            self._blocks[threads] = kernel.row_blocks(self.indptr.numpy(), threads)
-        return self._blocks[threads]
+    def _row_cuts(self, blocks: int) -> np.ndarray:
+        if blocks not in self._cuts:
+            self._cuts[blocks] = kernel.row_cuts(self.indptr.numpy(), blocks)
+        return self._cuts[blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One cheap test on the common path (a model makes dozens of these calls per input).
@@ -127,15 +94,12 @@ class SparseLinear(nn.Module):
                 or (x.requires_grad and torch.is_grad_enabled())):
             self._refuse(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        tokens = x2.shape[0]
-        yT = torch.empty(self.out_features, tokens)
-        if tokens:
-            threads = kernel.kernel_threads()
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features)
+        if x2.shape[0]:
             indptr, indices, values, bias = self._arrays()
-            kernel.sparse_matmul_t(self._row_blocks(threads), indptr, indices, values, _last.of(x, x2).numpy(),
-                                   bias, yT.numpy(), threads)
-        y = yT.t() if self.transposed_output else yT.t().contiguous()
+            kernel.sparse_matmul(indptr, indices, values, x2.numpy(), bias, y.numpy(), self._row_cuts,
+                                 kernel.kernel_threads())
         return y.reshape(*lead, self.out_features)
 
     def _refuse(self, x: torch.Tensor) -> None:
