@@ -7,12 +7,13 @@ made slower by its conversion, and a layer whose sparsity is too low for the ker
 exact, untouched nn.Linear (so does one where sparse wins by less than 5%: a near tie is not
 worth the rounding differences).
 
-The timing runs on one thread, whatever torch's setting: both forms split their work over
-threads alike (rows of the output), so the choice is the same, and one thread is the measure
-that other work on the machine disturbs least. On two threads of two cores shared with other
-jobs, torch's OpenMP threads spin-wait against them, its dense layers take several times their
-time, and a timing there chose the sparse form of 19 of the 36 layers of a 50%-pruned MiniLM,
-which then ran at 0.69x the dense model's speed (benchmarks/README.md).
+Threads. In a model, a converted layer's kernel runs on one thread (SparseLinear.threads),
+whatever torch uses: between two kernels torch's own ops run on its OpenMP threads, which then
+spin-wait for their next op on the cores a second kernel thread needs, so that thread gains
+nothing there (MiniLM at 95%, 1 x 128, torch on 2 threads, one and two kernel threads
+alternating in one process: 9.0 against 10.1 ms and 12.3 against 13.1; at 80% 21.4 against 22.3;
+measured), while it disturbs the torch ops after it. A layer is timed as it will run: the
+sparse form on one thread, the dense one on torch's threads.
 """
 
 from __future__ import annotations
@@ -82,15 +83,10 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, length: int = 128, choose
     for name, m in linears:
         if not torch.isfinite(m.weight).all() or (m.bias is not None and not torch.isfinite(m.bias).all()):
             raise DiffpruneError(f"the Linear layer {name} holds NaN or infinite values; nothing was converted")
-    report = SparsifyReport(tokens=batch_size * length, threads=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for name, linear in linears:
-                report.layers.append(_convert(model, name, linear, report.tokens, choose, repeats))
-    finally:
-        torch.set_num_threads(threads)
+    report = SparsifyReport(tokens=batch_size * length, threads=torch.get_num_threads())
+    with torch.no_grad():
+        for name, linear in linears:
+            report.layers.append(_convert(model, name, linear, report.tokens, choose, repeats))
     if not any(layer.density < 1 for layer in report.layers):
         warnings.warn(DiffpruneWarning("the model has no pruned Linear layer (no weight holds a zero); "
                                        "it runs dense, unchanged"), stacklevel=2)
@@ -103,6 +99,7 @@ def _convert(model: nn.Module, name: str, linear: nn.Linear, tokens: int, choose
     if density == 1.0:
         return LayerChoice(name, shape, density, None, None, "dense")
     sparse = SparseLinear.from_linear(linear)
+    sparse.threads = 1
     dense_us = sparse_us = None
     if choose == "measure":
         dense_us, sparse_us = _time_pair(linear, sparse, tokens, repeats)

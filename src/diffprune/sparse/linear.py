@@ -39,6 +39,8 @@ class SparseLinear(nn.Module):
         self._zero_bias = zeros.numpy()
         self._cuts: dict[int, np.ndarray] = {}
         self._views: tuple | None = None
+        # The most threads the kernel takes (None: as many as torch uses); sparsify sets 1 (why: there).
+        self.threads: int | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -98,8 +100,8 @@ class SparseLinear(nn.Module):
         y = torch.empty(x2.shape[0], self.out_features)
         if x2.shape[0]:
             indptr, indices, values, bias = self._arrays()
-            kernel.sparse_matmul(indptr, indices, values, x2.numpy(), bias, y.numpy(), self._row_cuts,
-                                 kernel.kernel_threads())
+            threads = kernel.kernel_threads() if self.threads is None else min(self.threads, kernel.kernel_threads())
+            kernel.sparse_matmul(indptr, indices, values, x2.numpy(), bias, y.numpy(), self._row_cuts, threads)
         return y.reshape(*lead, self.out_features)
 
     def _refuse(self, x: torch.Tensor) -> None:
