@@ -102,16 +102,21 @@ def render_goals(records: list[dict]) -> str:
 READING = """\
 **How to read these rows.** The load column is the 1-minute load average when a row started;
 a row measured on quiet cores shows about its own thread count there (the newest goal rows at 2
-threads were). A row with a higher load was measured while other work shared the two cores,
-which slows every engine, torch's 2-thread engines most (their OpenMP threads spin-wait against
-the other work) and ONNX Runtime's least (its threads sleep); "fastest calls" divides the
-fastest calls, which load disturbs least. What stands between the kernel and the goal at 95%:
-the work that is not a Linear layer (attention, GELU, LayerNorm: about 5 ms of the packaged
-model's 1-thread forward pass, untouched), the transposes into and out of the kernel's layout
-(eight per layer under torch.no_grad: the FFN's output stays transposed through GELU into the
-next layer, and query, key and value share their input's), and the kernel itself (about 20
-GMAC/s on one core, against about 50 for dense BLAS, so the crossover with dense is near 60%
-sparsity).
+threads were: the GLUE grid running beside them was paused with SIGSTOP, and the load average
+trails by a minute). A row with a higher load was measured while other work shared the two
+cores, which slows every engine, torch's 2-thread engines most (their OpenMP threads spin-wait
+against the other work) and ONNX Runtime's least (its threads sleep); "fastest calls" divides
+the fastest calls, which load disturbs least.
+
+Since 2026-12-07 the kernel reads and writes the activations as torch holds them: tiles of 16
+or 32 tokens are transposed in cache by vector shuffles and each output row's sums stay in
+vector registers over its nonzeros (`sparse/simd.py`); the torch transposes around the old
+kernel cost more than the kernel. In a model each kernel runs on one thread (see
+`sparse/convert.py`): on two, torch's OpenMP threads spinning between their own ops took the
+second core's gain away. What stands between the kernel and the goal at 95% on two threads:
+the work that is not a Linear layer (attention, GELU, LayerNorm, residual adds: about 4 ms of
+the 10 ms forward pass, scaled by torch's two threads), the kernels on one core (about 4.5 ms
+for the 36 layers), and a second core that only torch's ops use.
 
 """
 
