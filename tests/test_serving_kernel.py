@@ -1,5 +1,5 @@
 """The mixed-batch Linear kernel (serving/kernel.py) against dense arithmetic, on shapes that take
-each of its paths: whole 64-token tiles of widths a multiple of 8 (shuffled 8 x 8 blocks, simd.py),
+each of its paths: whole 64-token tiles of widths a multiple of 8 (shuffled 8 x 8 blocks, sparse/tiles.py),
 other widths, and a last partial tile."""
 
 from __future__ import annotations

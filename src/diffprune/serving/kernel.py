@@ -19,8 +19,8 @@ import numpy as np
 
 from diffprune.patch.compact_kernels import BLOCK, BYTE, CHECK, CK_BYTE, CK_ENTRY, CK_PREV, ENTRY, FLOAT32, NNZ
 from diffprune.patch.compact_kernels import next_position, widen
-from diffprune.sparse.simd import transpose8
 from diffprune.sparse.kernel import kernel_threads, numba, pool, scratch
+from diffprune.sparse.tiles import load_tile, store_tile
 
 nb = numba()  # configured once for every kernel of the library (its threading layer: sparse/kernel.py)
 TILE = 64  # tokens per tile: a transposed row is four 64-byte vectors, the tile stays in L1 / L2
@@ -72,50 +72,18 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
             yt = mine[n_in * TILE: (n_in + n_out) * TILE].reshape((n_out, TILE))
             for t0 in range(0, tokens, TILE):
                 m = min(TILE, tokens - t0)
-                _transpose_into(x, b, xt, t0, m)
+                load_tile(x[b], xt, t0, m, TILE)
                 yt[:] = 0
                 for e in range(outs.size):
                     o, i, v = outs[e], ins[e], w[e]
                     for j in range(TILE):
                         yt[o, j] += v * xt[i, j]
-                _add_transposed(yt, y, b, t0, m)
+                store_tile(yt, y[b], t0, m, 0, n_out, TILE, True)
         if bias_t[s] >= 0:  # a vector: as a matrix one row wide, its columns are the positions
             _, outs, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], bias_t[s], n_out)
             for t in range(tokens):
                 for e in range(w.size):
                     y[b, t, outs[e]] += w[e]
-
-
-@nb.njit(inline="always", **JIT)
-def _transpose_into(x, b, xt, t0, m):
-    """xt[i, j] = x[b, t0 + j, i] for the tile's m tokens (zero beyond them): a whole tile of a
-    row whose width is a multiple of 8 in 8 x 8 shuffled blocks (simd.py), the rest by loops."""
-    n = x.shape[2]
-    if m == TILE and n % 8 == 0:
-        src, dst = x.ctypes.data + 4 * (b * x.shape[1] + t0) * n, xt.ctypes.data
-        for i0 in range(0, n, 8):
-            for j0 in range(0, TILE, 8):
-                transpose8(src + 4 * (j0 * n + i0), n, dst + 4 * (i0 * TILE + j0), TILE, False)
-        return
-    xt[:, m:] = 0
-    for i in range(n):
-        for j in range(m):
-            xt[i, j] = x[b, t0 + j, i]
-
-
-@nb.njit(inline="always", **JIT)
-def _add_transposed(yt, y, b, t0, m):
-    """y[b, t0 + j, o] += yt[o, j] for the tile's m tokens, as _transpose_into."""
-    n = y.shape[2]
-    if m == TILE and n % 8 == 0:
-        src, dst = yt.ctypes.data, y.ctypes.data + 4 * (b * y.shape[1] + t0) * n
-        for o0 in range(0, n, 8):
-            for j0 in range(0, TILE, 8):
-                transpose8(src + 4 * (o0 * TILE + j0), TILE, dst + 4 * (j0 * n + o0), n, True)
-        return
-    for o in range(n):
-        for j in range(m):
-            y[b, t0 + j, o] += yt[o, j]
 
 
 @nb.njit(**PARALLEL)

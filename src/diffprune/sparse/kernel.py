@@ -61,40 +61,12 @@ def _compile() -> dict[str, object]:
     if _KERNELS:
         return _KERNELS
     nb = numba()
-    from diffprune.sparse.simd import ROW_TILE, transpose8
+    from diffprune.sparse.simd import ROW_TILE
+    from diffprune.sparse.tiles import load_tile, store_tile
 
     jit = dict(nogil=True, cache=True)
     row_16_i16, row_16_i32, row_32_i16, row_32_i32 = (ROW_TILE[(1, 2)], ROW_TILE[(1, 4)], ROW_TILE[(2, 2)],
                                                       ROW_TILE[(2, 4)])
-
-    @nb.njit(inline="always", **jit)
-    def load_tile(x, xt, t0, m, tile):
-        """xt[i, j] = x[t0 + j, i] for the tile's m tokens, zero beyond them."""
-        n = x.shape[1]
-        if m == tile and n % 8 == 0:
-            src, dst = x.ctypes.data + 4 * t0 * n, xt.ctypes.data
-            for i0 in range(0, n, 8):
-                for j0 in range(0, tile, 8):
-                    transpose8(src + 4 * (j0 * n + i0), n, dst + 4 * (i0 * tile + j0), tile, False)
-            return
-        xt[:, m:] = 0
-        for i in range(n):
-            for j in range(m):
-                xt[i, j] = x[t0 + j, i]
-
-    @nb.njit(inline="always", **jit)
-    def store_tile(yt, y, t0, m, r0, r1, tile):
-        """y[t0 + j, o] = yt[o, j] for the tile's m tokens and rows r0 .. r1."""
-        n = y.shape[1]
-        if m == tile and r0 % 8 == 0 and r1 % 8 == 0:
-            src, dst = yt.ctypes.data, y.ctypes.data + 4 * t0 * n
-            for o0 in range(r0, r1, 8):
-                for j0 in range(0, tile, 8):
-                    transpose8(src + 4 * (o0 * tile + j0), tile, dst + 4 * (j0 * n + o0), n, False)
-            return
-        for o in range(r0, r1):
-            for j in range(m):
-                y[t0 + j, o] = yt[o, j]
 
     @nb.njit(inline="always", **jit)
     def run(indptr, indices, data, x, bias, y, mine, row_cuts, tile, first, last):
@@ -120,7 +92,7 @@ def _compile() -> dict[str, object]:
                     row_32_i16(xa, ia, da, k0, k1, bias[o], out)
                 else:
                     row_32_i32(xa, ia, da, k0, k1, bias[o], out)
-            store_tile(yt, y, t0, m, r0, r1, tile)
+            store_tile(yt, y, t0, m, r0, r1, tile, False)
 
     @nb.njit(**jit)
     def spmm(indptr, indices, data, x, bias, y, scratch, row_cuts, tile):
