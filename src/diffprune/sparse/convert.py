@@ -113,7 +113,7 @@ def _time_pair(dense: nn.Module, sparse: nn.Module, tokens: int, repeats: int) -
     """Fastest µs of each, called alternately on the same random inputs, after one warm-up call
     each. Other work on the machine only ever adds time, so the fastest call is the closest to
     each form's own cost, and alternating makes a burst of load fall on both alike."""
-    # A new input object per call: SparseLinear reuses the transposed input of a repeated one.
+    # A new input per call, as in a model: nothing of the last call's input waits in the cache.
     inputs = [torch.randn(tokens, dense.in_features) for _ in range(repeats + 1)]
     times: dict[nn.Module, list[float]] = {dense: [], sparse: []}
     for layer in (dense, sparse):

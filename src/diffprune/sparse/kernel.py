@@ -9,12 +9,9 @@ into the tile's outputs for row o, which stay in vector registers for the whole 
 more than the kernel itself (a 128 x 1536 output took ~230 µs to copy back; measured).
 
 Threads: the output rows are cut into one block per thread, of about equal nonzero counts, each
-block computed over every tile of tokens, by numba's `prange` on as many threads as torch uses
-(`torch.get_num_threads()`). Cutting the tiles instead would have each thread read the whole
-weight: in a model, where 36 layers' weights do not stay in cache between calls, that took the
-second thread's gain away (MiniLM at 95%: the kernels' time in a forward was the same on two
-threads as on one; measured).
-The pool is numba's TBB layer where the tbb package is installed (a dependency on x86-64),
+block computed over every tile of tokens (so each thread reads only its rows of the weight), by
+numba's `prange` on as many threads as torch uses (`torch.get_num_threads()`), or fewer where
+the layer says (SparseLinear.threads; sparsify sets one, see convert.py). The pool is numba's TBB layer where the tbb package is installed (a dependency on x86-64),
 else its own "workqueue" layer, never its OpenMP layer unless NUMBA_THREADING_LAYER asks: that
 one loads a second OpenMP runtime beside torch's, and the two runtimes' threads spin for
 milliseconds after each parallel region, each taking the cores the other needs next (measured
