@@ -3,13 +3,13 @@ output of a Linear, an Embedding or a LayerNorm, read straight from the tasks' c
 (patch/compact.py), one call per module and batch.
 
 Linear: for batch row b, whose task changes the weight by entries (o, i, w),
-y[b, t, o] += w * x[b, t, i] for every token t. The row's entries are decoded once; then for each
-tile of 64 tokens the tile's inputs are transposed into a per-thread buffer, so that an entry's
-work is a vector multiply-add over the tile's tokens, accumulated into a transposed output tile
-that is added into y at the end. The entries' work drops from four scalar operations per token
-to a sixteenth of that; what remains is the transposes, one scalar move per feature and token,
-about as many as the entries' multiply-adds at 0.5% density (measured on MiniLM's shapes, one
-thread: 16-token tiles 30 to 45% slower, eight tokens at a time with scalar gathers 2 to 3x).
+y[b, t, o] += w * x[b, t, i] for every token t. The row's entries are decoded once (they come
+sorted by output row); then for each tile of 64 tokens the tile's inputs are transposed into a
+per-thread buffer, so that an entry's work is vector multiply-adds over the tile's tokens, into
+sums held in registers over each output row's entries (simd.ROW_TILE, as the sparse kernel's),
+written once into a transposed output tile that is added into y at the end (measured on
+MiniLM's shapes, one thread: 16-token tiles 30 to 45% slower, eight tokens at a time with
+scalar gathers 2 to 3x).
 Rows run in parallel (numba's prange) on as many threads as torch uses.
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 from diffprune.patch.compact_kernels import BLOCK, BYTE, CHECK, CK_BYTE, CK_ENTRY, CK_PREV, ENTRY, FLOAT32, NNZ
 from diffprune.patch.compact_kernels import next_position, widen
 from diffprune.sparse.kernel import kernel_threads, numba, pool, scratch
+from diffprune.sparse.simd import ROW_TILE
 from diffprune.sparse.tiles import load_tile, store_tile
 
 nb = numba()  # configured once for every kernel of the library (its threading layer: sparse/kernel.py)
@@ -38,6 +39,20 @@ def _values(bits, code, pow2, first, nnz):
         for j in range(nnz):
             out[j] = widen(bits[first + j], code, pow2)
     return out
+
+
+ROW_64 = ROW_TILE[(TILE // 16, 4)]
+
+
+@nb.njit(**JIT)
+def _row_starts(rows, n_rows):
+    """Where each row's entries start in `rows` (sorted), and where the last row's end."""
+    starts = np.zeros(n_rows + 1, np.int64)
+    for r in rows:
+        starts[r + 1] += 1
+    for o in range(n_rows):
+        starts[o + 1] += starts[o]
+    return starts
 
 
 @nb.njit(**JIT)
@@ -67,17 +82,16 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
         s = row_slots[b]
         if weight_t[s] >= 0:
             outs, ins, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], weight_t[s], n_in)
+            starts = _row_starts(outs, n_out)
             mine = scratch[nb.get_thread_id()]
             xt = mine[: n_in * TILE].reshape((n_in, TILE))
             yt = mine[n_in * TILE: (n_in + n_out) * TILE].reshape((n_out, TILE))
+            xa, ya, ia, wa = xt.ctypes.data, yt.ctypes.data, ins.ctypes.data, w.ctypes.data
             for t0 in range(0, tokens, TILE):
                 m = min(TILE, tokens - t0)
                 load_tile(x[b], xt, t0, m, TILE)
-                yt[:] = 0
-                for e in range(outs.size):
-                    o, i, v = outs[e], ins[e], w[e]
-                    for j in range(TILE):
-                        yt[o, j] += v * xt[i, j]
+                for o in range(n_out):  # a row without entries gets zeros
+                    ROW_64(xa, ia, wa, starts[o], starts[o + 1], np.float32(0), ya + 4 * TILE * o)
                 store_tile(yt, y[b], t0, m, 0, n_out, TILE, True)
         if bias_t[s] >= 0:  # a vector: as a matrix one row wide, its columns are the positions
             _, outs, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], bias_t[s], n_out)

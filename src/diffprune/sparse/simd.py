@@ -159,4 +159,5 @@ class _RowTile:
 
 
 # (vectors of 16 floats a tile row, bytes of a column index) -> intrinsic
-ROW_TILE = {(vectors, index_bytes): _row_tile(vectors, index_bytes) for vectors in (1, 2) for index_bytes in (2, 4)}
+# (1 and 2: the sparse kernel's tiles of 16 and 32 tokens; 4: the mixed-batch kernel's 64)
+ROW_TILE = {(vectors, index_bytes): _row_tile(vectors, index_bytes) for vectors in (1, 2, 4) for index_bytes in (2, 4)}
