@@ -289,8 +289,9 @@ def test_a_prepared_patch_follows_a_replaced_parameter(model_dir):
 
 
 def test_the_kernel_and_the_block_sparse_product_agree(folder, base):
-    """On the CPU without gradients the numba kernel adds the Linear deltas in place; with
-    gradients the block-diagonal sparse product does it out of place: the same numbers."""
+    """On the CPU without gradients the numba kernel writes the Linear deltas and the base's product
+    is added into them; with gradients the block-diagonal sparse product adds them after: the
+    same numbers. After the block every Linear has its own forward again."""
     from diffprune.serving.heads import forward_with_heads
     from diffprune.serving.mixed import MixedBatch
 
@@ -303,6 +304,7 @@ def test_the_kernel_and_the_block_sparse_product_agree(folder, base):
         with torch.set_grad_enabled(grad), MixedBatch(base.model, [p.diffs for p in patches], row_slots).installed():
             results.append(forward_with_heads(base, heads, kinds, row_slots, encoded).detach())
     assert torch.allclose(results[0], results[1], atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in base.model.modules())
 
 
 def test_serve_binds_localhost_takes_its_key_from_the_environment_and_shuts_down_cleanly(folder, model_dir):

@@ -71,10 +71,12 @@ def _entries(stream, bits, code, pow2, table, t, width):
 
 
 @nb.njit(**PARALLEL)
-def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables, pow2, scratch):
-    """y (rows, tokens, out) += each row's task's weight delta times x (rows, tokens, in), plus
-    its bias delta; weight_t[s] / bias_t[s]: the tensor of slot s's task (-1: unchanged).
-    scratch: a row per thread of (in + out) * TILE floats for the transposed tiles."""
+def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables, pow2, bias, scratch):
+    """y (rows, tokens, out) = the base's bias plus each row's task's delta: its weight delta
+    times x (rows, tokens, in) and its bias delta; the caller then adds the base's product into
+    y (addmm), whose write of y carries the delta with no pass of its own. weight_t[s] / bias_t[s]:
+    the tensor of slot s's task (-1: unchanged). scratch: a row per thread of (in + out) * TILE
+    floats for the transposed tiles."""
     if not (x.flags.c_contiguous and y.flags.c_contiguous):  # the block transposes address them
         raise ValueError("linear_delta needs C-contiguous activations")
     tokens, n_in, n_out = x.shape[1], x.shape[2], y.shape[2]
@@ -90,9 +92,12 @@ def linear_delta(x, y, row_slots, weight_t, bias_t, streams, bits, codes, tables
             for t0 in range(0, tokens, TILE):
                 m = min(TILE, tokens - t0)
                 load_tile(x[b], xt, t0, m, TILE)
-                for o in range(n_out):  # a row without entries gets zeros
-                    ROW_64(xa, ia, wa, starts[o], starts[o + 1], np.float32(0), ya + 4 * TILE * o)
-                store_tile(yt, y[b], t0, m, 0, n_out, TILE, True)
+                for o in range(n_out):  # a row without entries gets the bias alone
+                    ROW_64(xa, ia, wa, starts[o], starts[o + 1], bias[o], ya + 4 * TILE * o)
+                store_tile(yt, y[b], t0, m, 0, n_out, TILE, False)
+        else:
+            for t in range(tokens):
+                y[b, t, :] = bias
         if bias_t[s] >= 0:  # a vector: as a matrix one row wide, its columns are the positions
             _, outs, w = _entries(streams[s], bits[s], codes[s], pow2, tables[s], bias_t[s], n_out)
             for t in range(tokens):
