@@ -85,9 +85,9 @@ ABP_GOALS = [(f"abp s0.5 {_H}", "full", -2.0, "within 2.0 points of full finetun
              *[(f"abp s{s:g} {_H}", f"head {_H}", 0.0, "above head-only (feature extraction)") for s in (0.5, 0.9)]]
 
 
-def render_goals(records: list[dict]) -> str:
+def render_goals(records: list[dict], measured_only: bool = False) -> str:
     """The diff-pruning issue's quality goals, each checked on the tasks both sides have measured,
-    then full finetuning's floors."""
+    then full finetuning's floors; `measured_only`: only the goals of methods with records."""
     runs = [r for r in records if r.get("kind", "run") == "run"]
     cells: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
@@ -107,6 +107,8 @@ def render_goals(records: list[dict]) -> str:
     goals += ABP_GOALS
     lines = ["| goal | tasks compared (seeds each side) | method avg | other avg | Δ | met |", "|---|---|---|---|---|---|"]
     for method, other, margin, text in goals:
+        if measured_only and method not in cells:
+            continue
         common = sorted(set(cells.get(method, {})) & set(cells.get(other, {})), key=TASK_ORDER.index)
         if not common:
             lines.append(f"| {method}: {text} | not measured yet | – | – | – | – |")
@@ -200,7 +202,7 @@ def write_table(results: Path, readme: Path, profile: str = "") -> None:
     names run_glue.py's sections of GLUE records other than the main table's."""
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"
     text = _replace(text, f"glue{profile}-table", render(_records(results)))
-    text = _replace(text, f"goals{profile}-table", render_goals(_records(results)))
+    text = _replace(text, f"goals{profile}-table", render_goals(_records(results), measured_only=bool(profile)))
     text = _replace(text, "cost-table", render_cost(_records(results.parent / "cost.jsonl")))
     text = _replace(text, "storage-table", render_storage(_records(results.parent / "storage.jsonl")))
     text = _replace(text, "study-table", render_study(_records(results.parent / "diff_study.jsonl")))
