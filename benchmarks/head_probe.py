@@ -31,7 +31,6 @@ from diffprune.base import load_base
 from diffprune.glue import get_task, make_collator
 from diffprune.glue.metrics import compute_metrics, predictions_from_logits
 from diffprune.heads import HEADS, POOLINGS, LayerMixHead
-from diffprune.io import write_text
 from diffprune.training.settings import TrainSettings
 
 HERE = Path(__file__).resolve().parent
@@ -133,10 +132,9 @@ def render(records: list[dict]) -> str:
 
 
 def write_table() -> None:
-    from table import _records, _replace  # the other benchmarks' section markers
+    from table import write_section  # the other benchmarks' section markers
 
-    readme = HERE / "README.md"
-    write_text(readme, _replace(readme.read_text(), "head-probe-table", render(_records(RESULTS))))
+    write_section(HERE / "README.md", "head-probe-table", RESULTS, render)
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ from torch.nn import functional as F
 import diffprune
 from diffprune.glue import make_collator
 from diffprune.glue.metrics import compute_metrics, predictions_from_logits
-from diffprune.io import write_text
 from diffprune.pruning.targets import encoder_linear_weights
 from diffprune.pruning.topk import keep_masks, kept_count
 from head_probe import cached, features, fit_head
@@ -133,10 +132,9 @@ def render(records: list[dict]) -> str:
 
 
 def write_table() -> None:
-    from table import _records, _replace  # the other benchmarks' section markers
+    from table import write_section  # the other benchmarks' section markers
 
-    readme = HERE / "README.md"
-    write_text(readme, _replace(readme.read_text(), "mask-probe-table", render(_records(RESULTS))))
+    write_section(HERE / "README.md", "mask-probe-table", RESULTS, render)
 
 
 def main() -> None:

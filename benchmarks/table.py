@@ -197,6 +197,11 @@ def _replace(text: str, name: str, body: str) -> str:
     return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
 
 
+def write_section(readme: Path, name: str, results: Path, render_records) -> None:
+    """Rewrite one generated section of `readme` from the records in `results`."""
+    write_text(readme, _replace(readme.read_text(), name, render_records(_records(results))))
+
+
 def write_table(results: Path, readme: Path, profile: str = "") -> None:
     """Rewrite the generated sections of benchmarks/README.md from every results file; `profile`
     names run_glue.py's sections of GLUE records other than the main table's."""
