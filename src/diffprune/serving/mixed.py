@@ -127,6 +127,7 @@ class MixedBatch:
         base_forward, changed = m.forward, self.changed[path]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            self._check_batch(x, m)
             if not self._fast(m.weight, x):
                 return mixed_torch.linear(m, x, base_forward(x), self.per_slot(path), self.row_slots)
             return self._linear(m, x, changed)
@@ -169,7 +170,6 @@ class MixedBatch:
 
     # -- the hooks ------------------------------------------------------------------------------
     def _linear(self, m: nn.Linear, x: torch.Tensor, changed: dict) -> torch.Tensor:
-        self._check_batch(x, m)
         from diffprune.serving import kernel
 
         x, a = x.contiguous(), self.arrays()
