@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -186,6 +187,21 @@ def time_engines(engines: dict, inputs: tuple, threads: int, repeats: int, warmu
     return times
 
 
+def kernel_threads(model: nn.Module) -> int | str:
+    """The threads the converted layers' kernels take ("torch": as many as torch uses)."""
+    found = {m.threads for m in model.modules() if isinstance(m, SparseLinear)}
+    return "torch" if found in ({None}, set()) else max(t or 0 for t in found)
+
+
+def commit() -> str | None:
+    """The checkout's commit (records of one library version can come from different kernels)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def measure(name: str, sparsity: float, model: nn.Module, args, folder: Path) -> list[dict]:
     records = []
     fixed = fixed_engines(model, args.engines, folder)
@@ -218,7 +234,9 @@ def measure(name: str, sparsity: float, model: nn.Module, args, folder: Path) ->
                     "pruned_layers": sum(layer.density < 1 for layer in report.layers) if report else None,
                     "torch": torch.__version__, "cpu_count": os.cpu_count(),
                     "options": {"engines": args.engines, "onnxruntime_spinning": False,
-                                "diffprune_calibration": f"{batch}x{length}"},
+                                "diffprune_calibration": f"{batch}x{length}",
+                                "diffprune_kernel_threads": kernel_threads(sparse) if report else None},
+                    "commit": commit(),
                 })
                 print(_line(records[-1]), flush=True)
     return records
