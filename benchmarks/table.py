@@ -15,7 +15,7 @@ TASK_ORDER = ["RTE", "MRPC", "STS-B", "SST-2", "CoLA", "QNLI", "QQP", "MNLI", "W
 def _label(r: dict) -> str:
     rank = r.get("settings", {}).get("lora_r")
     return (r["method"] + (f" @{r['budget']:g}" if r.get("budget") else "") + (f" r{rank}" if rank else "")
-            + (f" s{r['sparsity']:g}" if r.get("sparsity") else "") + (f" {r['variant']}" if r.get("variant") else ""))
+            + (f" s{r['sparsity']:g}" if r.get("sparsity") is not None else "") + (f" {r['variant']}" if r.get("variant") else ""))
 
 
 def render(records: list[dict]) -> str:
@@ -83,6 +83,12 @@ ABP_GOALS = [(f"abp s0.5 {_H}", "full", -2.0, "within 2.0 points of full finetun
              *[(f"abp s{s:g} {_H}", f"{other} s{s:g} {_H}", 0.0, f"above {other} at the same sparsity")
                for s in (0.5, 0.9) for other in ("magnitude", "random-mask")],
              *[(f"abp s{s:g} {_H}", f"head {_H}", 0.0, "above head-only (feature extraction)") for s in (0.5, 0.9)]]
+# The pruning-at-distilling issue's goals: distil at 95% within 1.5 points of its teacher (full
+# finetuning, seed 1: the fast profile's only full run), at least 2 points above gradual
+# magnitude pruning of the finetuned model at 95%, above the 1-layer dense student.
+DISTIL_GOALS = [("distil s0.95", "full", -1.5, "within 1.5 points of the teacher (full finetuning)"),
+                ("distil s0.95", "distil s0.95 gmp", 2.0, "at least 2.0 points above gradual magnitude pruning"),
+                ("distil s0.95", "distil s0 L1", 0.0, "above the 1-layer dense student (17% of the weights)")]
 
 
 def render_goals(records: list[dict], measured_only: bool = False) -> str:
@@ -104,7 +110,7 @@ def render_goals(records: list[dict], measured_only: bool = False) -> str:
              ("diff-struct @0.005", "shira @0.005", 0.0, "above SHiRA with about as many changed entries")]
     if not big_loras:
         goals.append(("diff-struct @0.005", None, 0.0, f"above LoRA at a rank whose adapter ≥ the {patch_bytes:,.0f} B patch"))
-    goals += ABP_GOALS
+    goals += ABP_GOALS + DISTIL_GOALS
     lines = ["| goal | tasks compared (seeds each side) | method avg | other avg | Δ | met |", "|---|---|---|---|---|---|"]
     for method, other, margin, text in goals:
         if measured_only and method not in cells:
@@ -117,7 +123,7 @@ def render_goals(records: list[dict], measured_only: bool = False) -> str:
         theirs = statistics.mean(statistics.median(r["score"] for r in cells[other][t]) for t in common)
         seeds = ", ".join(f"{t} {len(cells[method][t])}/{len(cells[other][t])}" for t in common)
         delta = 100 * (mine - theirs)  # points, as the margins are stated
-        met = "yes" if (delta >= margin if margin < 0 else delta > 0) else "no"
+        met = "yes" if (delta >= margin if margin else delta > 0) else "no"
         lines.append(f"| {method}: {text} | {seeds} | {100 * mine:.1f} | {100 * theirs:.1f} | "
                      f"{delta:+.1f} | {met} |")
     for task, floor in FULL_FLOORS.items():

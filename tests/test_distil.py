@@ -151,7 +151,7 @@ def test_a_given_teacher_is_used_frozen_and_not_trained_again(runs, teacher_run)
 
 def test_gradual_magnitude_pruning_of_the_finetuned_model_trains_on_the_task_loss(runs, teacher_run, tiny_model):
     options = {"sparsity": 0.5, "teacher": str(teacher_run), "student_init": "teacher", "distil_loss": "task"}
-    out, record, _ = runs("gmp", "distil", options, max_steps=1, checkpoint_every=0)
+    out, record, _ = runs("gmp", "distil", options, max_steps=1, checkpoint_every=0, lr=3e-5)
     assert not _log(out, "kd_hidden") and _log(out, "task_loss")
     # one step from the teacher's weights: the student's dense tensors are the teacher's, moved a little
     teacher = load_file(teacher_run / "model" / "model.safetensors")
