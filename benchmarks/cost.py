@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Setup:
     scheduler: Any
     accelerator: Any
     phase_names: list[str]  # every phase of the method, in order
+    options: dict  # the method's options, as this measure used them
 
 
 def build(method_name: str, phase_index: int = 0) -> Setup:
@@ -73,7 +74,8 @@ def build(method_name: str, phase_index: int = 0) -> Setup:
     optimizer = build_optimizer(groups)
     scheduler = build_scheduler(optimizer, groups, 1000, 0.0)
     model.train()
-    return Setup(base, model, phase, groups, optimizer, scheduler, Accelerator(cpu=True), [p.name for p in phases])
+    return Setup(base, model, phase, groups, optimizer, scheduler, Accelerator(cpu=True), [p.name for p in phases],
+                 asdict(method.config))
 
 
 def every_phase(methods: list[str]) -> dict[tuple[str, int], Setup]:
@@ -172,7 +174,7 @@ def main() -> None:
             "step_time_ratio": round(step / full_time, 3),
             "peak_rss_mb": mem, "baseline_peak_rss_mb": full_mem, "peak_memory_ratio": round(mem / full_mem, 3),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-            **weight_gradient(setup.phase_names[i]),
+            **weight_gradient(setup.phase_names[i]), "method_options": setup.options,
             "diffprune_version": diffprune.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()],
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
