@@ -192,13 +192,17 @@ def run_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("task", "method", "seed")}
 
 
+def train_config(config: dict) -> dict:
+    """What `diffprune train --config` gets of a planned run: its settings and options."""
+    return {k: v for k, v in config.items() if k not in PLAN_ONLY}
+
+
 def execute(config: dict, data_dir: str | None, name: str | None = None, runs: Path = RUNS) -> dict:
     out = runs / (name or run_name(config))
     out.mkdir(parents=True, exist_ok=True)
     if "teacher" in config:  # recorded relative to this folder, given to the run absolute
         config = {**config, "teacher": str(HERE / config["teacher"])}
-    config = {k: v for k, v in config.items() if k not in PLAN_ONLY}
-    (out.parent / f"{out.name}.json").write_text(json.dumps(config, indent=2))
+    (out.parent / f"{out.name}.json").write_text(json.dumps(train_config(config), indent=2))
     cmd = [sys.executable, "-m", "diffprune", "train", "--config", str(out.parent / f"{out.name}.json"),
            "--output", str(out), "--checkpoint-every", "100", "--log-every", "20"]
     if data_dir:

@@ -22,14 +22,14 @@ import table  # noqa: E402
 
 
 @pytest.mark.parametrize("config", [config for profile in run_glue.PROFILES.values() for config in run_glue.planned(
-    ["MRPC"], [m for m, _, _ in run_glue.VARIANTS], 2, profile)], ids=run_glue.run_name)
+    ["MRPC", "STS-B"], [m for m, _, _ in run_glue.VARIANTS], 2, profile)], ids=run_glue.run_name)
 def test_planned_runs_are_valid_settings(config):
     """A config the benchmark would pass to `diffprune train --config` is accepted as it is
     (a run that fails on its settings costs a queue slot, found only when it starts)."""
     from diffprune.cli import split_settings
     from diffprune.methods import build_method
 
-    settings, options = split_settings(config)
+    settings, options = split_settings(run_glue.train_config(config))
     build_method(settings.method, options)
 
 
@@ -80,6 +80,26 @@ def test_lora_goal_only_counts_adapters_at_least_as_large_as_the_patch():
     rows = goal_rows(records)
     assert not any("LoRA r8" in name for name in rows)
     assert rows["diff-struct @0.005: above LoRA r16 (adapter ≥ the 500 B patch)"].endswith("| +2.0 | yes |")
+
+
+def test_a_variant_at_another_rate_or_length_is_named_and_planned_apart():
+    plan = {run_glue.run_name(c): c for c in run_glue.planned(["MRPC", "STS-B"], ["distil"], 1,
+                                                               run_glue.PROFILES["fast"])}
+    assert plan["STS-B-distil-sp0.95-s1"]["epochs"] == 3 and "lr" not in plan["STS-B-distil-sp0.95-s1"]
+    long = plan["STS-B-distil-sp0.95-lr3e-05-x4-epochs-s1"]
+    assert long["epochs"] == 12 and long["lr"] == 3e-5 and "epochs_factor" not in run_glue.train_config(long)
+    assert "MRPC-distil-sp0.95-lr3e-05-s1" not in plan  # the rate study runs on STS-B only
+    assert run_glue.variant_tags({"method": "full", "lr": 5e-5}) == []  # the method's default rate: no tag
+
+
+def test_distil_goals_need_two_points_over_magnitude_pruning():
+    records = [run("STS-B", "full", 0.84), {**run("STS-B", "distil", 0.80), "sparsity": 0.95},
+               {**run("STS-B", "distil", 0.785), "sparsity": 0.95, "variant": "gmp"},
+               {**run("STS-B", "distil", 0.79), "sparsity": 0.0, "variant": "L1"}]
+    rows = goal_rows(records)
+    assert rows["distil s0.95: within 1.5 points of the teacher (full finetuning)"].endswith("| -4.0 | no |")
+    assert rows["distil s0.95: at least 2.0 points above gradual magnitude pruning"].endswith("| +1.5 | no |")
+    assert rows["distil s0.95: above the 1-layer dense student (17% of the weights)"].endswith("| +1.0 | yes |")
 
 
 def test_full_finetuning_floors_use_the_median_over_seeds():
