@@ -20,7 +20,7 @@ from diffprune.errors import DiffpruneError
 from diffprune.glue import get_task
 from diffprune.methods import build_method
 from diffprune.methods.distil.layers import SCORES, expose_attention, layer_map
-from diffprune.methods.distil.losses import attention_term, hidden_term, prediction_term
+from diffprune.methods.distil.losses import attention_term, hidden_term, kd_terms, prediction_term
 from diffprune.patch import TaskPatch, export_model
 from diffprune.pruning.schedule import PruningSchedule
 from diffprune.pruning.targets import encoder_linear_weights
@@ -91,6 +91,21 @@ def test_the_prediction_term_is_soft_cross_entropy_or_mse():
     expected = -(p * torch.log_softmax(s, -1)).sum(-1).mean()
     assert prediction_term(s, t, 1.0, False).item() == pytest.approx(expected.item())
     assert prediction_term(s[:, :1], t[:, :1], 1.0, True).item() == pytest.approx(((2 - 1) ** 2 + 0.25) / 2)
+
+
+def test_a_regression_student_learns_the_labels_as_the_papers_code_does_or_the_teacher():
+    from types import SimpleNamespace
+
+    from diffprune.training.phases import LossInputs
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.tensor([4.0, 1.0])}
+    inputs = LossInputs(batch, SimpleNamespace(logits=torch.tensor([[3.0], [1.0]])),
+                        SimpleNamespace(logits=torch.tensor([[3.5], [2.0]])))
+    labels = kd_terms(inputs, ["prediction"], [0, 1], 1.0, regression=True)["kd_prediction"]
+    teacher = kd_terms(inputs, ["prediction"], [0, 1], 1.0, regression=True, regression_target="teacher")
+    assert labels.item() == pytest.approx((1 + 0) / 2) and teacher["kd_prediction"].item() == pytest.approx((0.25 + 1) / 2)
+    with pytest.raises(DiffpruneError, match="--regression-target must be one of labels, teacher"):
+        build_method("distil", {"regression_target": "both"})
 
 
 def test_attention_scores_before_the_softmax_are_exposed(tiny_model):

@@ -42,17 +42,19 @@ def per_example_mean(squares: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return (squares.sum(dims) / counts).mean()
 
 
-def prediction_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
-    """Soft cross-entropy between the logits' distributions at `temperature`; MSE for regression."""
+def prediction_term(student: torch.Tensor, target: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+    """Soft cross-entropy between the logits' distributions at `temperature`; for regression the
+    MSE to `target` (the labels, or the teacher's outputs)."""
     if regression:
-        return F.mse_loss(student, teacher)
-    soft = F.softmax(teacher / temperature, dim=-1)
+        return F.mse_loss(student.view(-1), target.view(-1).to(student.dtype))
+    soft = F.softmax(target / temperature, dim=-1)
     return -(soft * F.log_softmax(student / temperature, dim=-1)).sum(-1).mean()
 
 
 def kd_terms(inputs: LossInputs, terms: list[str], mapping: list[int], temperature: float,
-             regression: bool) -> dict[str, torch.Tensor]:
-    """The chosen terms, named `kd_attention`, `kd_hidden`, `kd_prediction`."""
+             regression: bool, regression_target: str = "labels") -> dict[str, torch.Tensor]:
+    """The chosen terms, named `kd_attention`, `kd_hidden`, `kd_prediction`. A regression task's
+    prediction term learns `regression_target`: the labels (the paper's code), or the teacher."""
     s, t = inputs.outputs, inputs.teacher
     mask = inputs.batch.get("attention_mask")
     if mask is None:  # no padding
@@ -63,5 +65,6 @@ def kd_terms(inputs: LossInputs, terms: list[str], mapping: list[int], temperatu
     if "hidden" in terms:
         found["kd_hidden"] = hidden_term(s.hidden_states, t.hidden_states, mask, mapping)
     if "prediction" in terms:
-        found["kd_prediction"] = prediction_term(s.logits.float(), t.logits.float(), temperature, regression)
+        target = inputs.batch["labels"] if regression and regression_target == "labels" else t.logits
+        found["kd_prediction"] = prediction_term(s.logits.float(), target.float(), temperature, regression)
     return found

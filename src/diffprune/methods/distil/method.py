@@ -148,7 +148,8 @@ class PruningAtDistilling(Method):
 
         return Phase(
             name="distil", param_groups=groups, epochs=s.epochs, max_steps=s.max_steps, warmup_ratio=s.warmup_ratio,
-            extra_losses=(lambda inputs: kd_terms(inputs, c.terms(), self.mapping, c.temperature, regression))
+            extra_losses=(lambda inputs: kd_terms(inputs, c.terms(), self.mapping, c.temperature, regression,
+                                                  c.regression_target))
             if kd else None,
             teacher=model.teacher_outputs if kd else None, train_task_loss=not kd,
             on_start=lambda: model.start_distilling(copy_teacher=c.student_init == "teacher"),

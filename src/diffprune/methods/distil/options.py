@@ -12,6 +12,7 @@ from diffprune.training.settings import option
 KD_TERMS = ("attention", "hidden", "prediction")
 STUDENT_INITS = ("pretrained", "teacher")
 LOSSES = ("kd", "task")
+REGRESSION_TARGETS = ("labels", "teacher")
 PATCH_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -50,9 +51,13 @@ class DistilOptions:
         "model's own, checked on a probe input at load; where it does not, the post-softmax probabilities "
         "transformers returns with output_attentions), padded positions left out; hidden: MSE of every mapped "
         "layer's hidden states, the embedding output included, padded positions left out; prediction: soft "
-        "cross-entropy of the logits at --temperature (MSE of the logits for regression)."
+        "cross-entropy of the logits at --temperature (for regression the MSE to --regression-target)."
     )
     temperature: float = option(1.0, "Softmax temperature of the prediction term (the paper: 1).")
+    regression_target: str = option(
+        "labels", "What a regression task's prediction term (MSE) learns: labels (the paper's code) or teacher "
+        "(the teacher's outputs)."
+    )
     freeze_embeddings: bool = option(
         False, "Keep the embedding layer (words, positions, types, its LayerNorm) frozen: the patch then stores "
         "no embedding change, most of a dense diff's bytes."
@@ -73,7 +78,8 @@ class DistilOptions:
             raise DiffpruneError("--teacher-lr and --temperature must be positive")
         for name, value, allowed in (("--student-init", self.student_init, STUDENT_INITS),
                                      ("--distil-loss", self.distil_loss, LOSSES),
-                                     ("--patch-dtype", self.patch_dtype, PATCH_DTYPES)):
+                                     ("--patch-dtype", self.patch_dtype, PATCH_DTYPES),
+                                     ("--regression-target", self.regression_target, REGRESSION_TARGETS)):
             if value not in allowed:
                 raise DiffpruneError(f"{name} must be one of {', '.join(allowed)}, not '{value}'")
         unknown = [t for t in self.terms() if t not in KD_TERMS]
