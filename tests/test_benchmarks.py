@@ -88,7 +88,8 @@ def test_a_variant_at_another_rate_or_length_is_named_and_planned_apart():
     assert plan["STS-B-distil-sp0.95-s1"]["epochs"] == 3 and "lr" not in plan["STS-B-distil-sp0.95-s1"]
     long = plan["STS-B-distil-sp0.95-lr3e-05-x4-epochs-s1"]
     assert long["epochs"] == 12 and long["lr"] == 3e-5 and "epochs_factor" not in run_glue.train_config(long)
-    assert "MRPC-distil-sp0.95-lr3e-05-s1" not in plan  # the rate study runs on STS-B only
+    assert "MRPC-distil-sp0.95-lr0.0001-reg-teacher-s1" not in plan  # the rate study runs on STS-B only
+    assert "STS-B-distil-sp0.95-lr0.0001-reg-teacher-s1" in plan
     assert run_glue.variant_tags({"method": "full", "lr": 5e-5}) == []  # the method's default rate: no tag
 
 
