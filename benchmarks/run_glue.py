@@ -278,6 +278,7 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "settings": run_settings(config),
         "library_version": run["diffprune_version"],
         "method_options": run["method_options"],  # every option as the run used it, defaults included
+        "lr": run.get("lr"),  # the main rate it used (records before 2026-12-07: see settings and log.csv)
         "evals": run["evals"],
         # the weights a user keeps for this task: patch, adapter or full model file(s)
         "artifact_bytes": sum(size for file, size in run["files"].items() if file.endswith(".safetensors")),

@@ -125,6 +125,7 @@ def test_attention_scores_before_the_softmax_are_exposed(tiny_model):
 # -- training -------------------------------------------------------------------------------
 def test_every_matrix_ends_at_exactly_the_same_sparsity(runs, tiny_model):
     out, record, _ = runs("sp90", "distil", {"sparsity": 0.9})
+    assert record["lr"] == build_method("distil").default_lr  # no --lr: the method's default, said
     patch = TaskPatch.load(out / "patch.safetensors")
     names = encoder_linear_weights(load_base(tiny_model, 2).model)
     assert len(names) == 12 and record["pruned_tensors"] == 12
@@ -181,6 +182,7 @@ def test_a_given_teacher_is_used_frozen_and_not_trained_again(runs, teacher_run)
 def test_gradual_magnitude_pruning_of_the_finetuned_model_trains_on_the_task_loss(runs, teacher_run, tiny_model):
     options = {"sparsity": 0.5, "teacher": str(teacher_run), "student_init": "teacher", "distil_loss": "task"}
     out, record, _ = runs("gmp", "distil", options, max_steps=1, checkpoint_every=0, lr=3e-5)
+    assert record["lr"] == 3e-5  # the record says the rate the run used
     assert not _log(out, "kd_hidden") and _log(out, "task_loss")
     # one step from the teacher's weights: the student's dense tensors are the teacher's, moved a little
     teacher = load_file(teacher_run / "model" / "model.safetensors")

@@ -190,6 +190,7 @@ def _run_record(settings, spec, method, model, base, data, final, progress, acce
         "method": method.name,
         "method_options": _jsonable_options(method.config),
         "settings": settings.to_dict(),
+        "lr": method.lr(settings),  # the main rate the run used: --lr, else the method's default
         "metric": spec.main_metric,
         "score": final["score"],
         "dev": final,
