@@ -138,8 +138,8 @@ VARIANTS: list[tuple[str, dict, list[int]]] = [
     *[("distil", {"sparsity": 0.0, "student_layers": n, "lr": 3e-5, "tasks": ["MRPC", "RTE"]}, [1]) for n in (2, 1)],
 ]
 MASK_METHODS = {"abp", "magnitude", "random-mask"}
-# how the plan chose a run and its settings: recorded, but not training options
-PLAN_ONLY = ("epochs_factor", "tasks")
+# how the plan set a run's settings: recorded with them, but not a training option
+PLAN_ONLY = ("epochs_factor",)
 TEACHER = "{task}-full-s1"  # in the profile's run folder; the distil variants' --teacher
 MAIN = 4  # the first four variants form the first tier
 
@@ -156,8 +156,9 @@ def planned(tasks: list[str], methods: list[str], max_seeds: int, profile: Profi
         for seed_index, seed in enumerate(seeds[:max_seeds]):
             for task in [t for t in tasks if t in options.get("tasks", tasks)]:
                 tier = 3 if task == "SST-2" else (2 if seed_index else (0 if position < MAIN else 1))
-                config = {**COMMON, **profile.settings, **options, "task": task, "method": method, "seed": seed}
-                config.pop("tasks", None)
+                # (a variant's "tasks" says where it runs: not a setting of the run)
+                config = {**COMMON, **profile.settings, **{k: v for k, v in options.items() if k != "tasks"},
+                          "task": task, "method": method, "seed": seed}
                 config["epochs"] = EPOCHS.get(task, COMMON["epochs"]) * options.get("epochs_factor", 1)
                 if method in MASK_METHODS:  # the last phase: the head alone, with the exact mask
                     config["head_epochs"] = round(config["epochs"] / 3, 4)
