@@ -89,6 +89,7 @@ def measure(path: Path, data_dir: str | None, repeats: int) -> dict:
         "apply_ms": round(apply_ms, 3), "revert_ms": round(revert_ms, 3),
         "apply_revert_ms": round(apply_ms + revert_ms, 3), "revert_bit_exact": exact,
         "lora_r8_adapter_bytes": lora, "full_copy_bytes": copy_bytes, "library_version": diffprune.__version__,
+        "options": {"repeats": repeats},
     }
 
 
