@@ -4,9 +4,10 @@ Models: the packaged MiniLM with its encoder Linear weights pruned per matrix by
 each --sparsities; a BERT-base-shaped model (hidden 768, 12 layers) built from a config at each
 --bert-sparsities (speed does not depend on trained values); and --patch files (a pattern a
 diffprune method learned). For each batch size x length x thread count, in one process and
-alternating call by call: dense torch (eager), dense torch.compile, torch CSR weights, ONNX
-Runtime (dense) and diffprune's sparse model (`sparsify`); the median of --repeats calls after
-warm-up, the largest output difference to dense eager, and the bytes the Linear weights take.
+alternating in blocks of consecutive calls (as a user running one of them sees it; see
+diffprune.sparse.speed.time_in_blocks): dense torch (eager), dense torch.compile, torch CSR
+weights, ONNX Runtime (dense) and diffprune's sparse model (`sparsify`); the median of --repeats
+calls after warm-up, the largest output difference to dense eager, and the bytes the Linear weights take.
 Appends {"kind": "sparse_speed", ...} records to results/sparse_speed.jsonl and rewrites the
 sparse-speed table of benchmarks/README.md.
 
@@ -35,7 +36,9 @@ from diffprune.base import load_base
 from diffprune.pruning.targets import encoder_linear_weights
 from diffprune.pruning.topk import keep_masks, kept_count
 from diffprune.sparse import SparseLinear, sparsify
+from diffprune.sparse.fuse import FusedEncoderLayer
 from diffprune.sparse.speed import linear_weight_bytes
+from diffprune.sparse.timing import BLOCK, SETTLE, time_in_blocks
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "sparse_speed.jsonl"
@@ -170,25 +173,17 @@ def _logits(model: nn.Module):
     return lambda ids, mask, threads: model(input_ids=ids, attention_mask=mask).logits
 
 
-def time_engines(engines: dict, inputs: tuple, threads: int, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Each engine's call times (ms), round after round; each round starts one engine later,
-    so that no engine always follows the same other one (an engine can leave caches cold or
-    threads busy for the next)."""
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    names = list(engines)
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for name in names[i % len(names):] + names[:i % len(names)]:
-                run = engines[name][0]
-                start = time.perf_counter()
-                run(*inputs, threads)
-                if i >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+def time_engines(engines: dict, inputs: tuple, threads: int, repeats: int, warmup_rounds: int) -> dict[str, list[float]]:
+    """Each engine's call times (ms), in alternating blocks of consecutive calls (time_in_blocks)."""
+    return time_in_blocks({name: (lambda run=run: run(*inputs, threads)) for name, (run, _) in engines.items()},
+                          repeats, warmup_rounds)
 
 
 def kernel_threads(model: nn.Module) -> int | str:
-    """The threads the converted layers' kernels take ("torch": as many as torch uses)."""
+    """The threads the converted layers' kernels take ("torch": as many as torch uses, as
+    fused layers do)."""
+    if any(isinstance(m, FusedEncoderLayer) for m in model.modules()):
+        return "torch"
     found = {m.threads for m in model.modules() if isinstance(m, SparseLinear)}
     return "torch" if found in ({None}, set()) else max(t or 0 for t in found)
 
@@ -220,20 +215,22 @@ def measure(name: str, sparsity: float, model: nn.Module, args, folder: Path) ->
                 with torch.no_grad():
                     ref = _logits(model)(*inputs, threads)
                     diffs = {e: float((run(*inputs, threads) - ref).abs().max()) for e, (run, _) in engines.items()}
-                times = time_engines(engines, inputs, threads, args.repeats, args.warmup)
+                times = time_engines(engines, inputs, threads, args.repeats, args.warmup_rounds)
                 records.append({
                     "kind": "sparse_speed", "version": diffprune.__version__, "model": name, "sparsity": sparsity,
                     "batch_size": batch, "length": length, "threads": threads, "repeats": args.repeats,
-                    "warmup": args.warmup, "load_avg_start": load, "load_avg_end": os.getloadavg(),
+                    "warmup_rounds": args.warmup_rounds, "load_avg_start": load, "load_avg_end": os.getloadavg(),
                     "ms": {e: statistics.median(t) for e, t in times.items()},
                     "ms_min": {e: min(t) for e, t in times.items()},
                     "max_abs_diff": diffs,
                     "weight_bytes": {e: b for e, (_, b) in engines.items()},
                     "dense_fp32_weight_bytes": linear_weight_bytes(model)["dense_fp32"],
                     "sparse_layers": len(report.sparse_layers) if report else None,
+                    "fused_layers": len(report.fused_layers) if report else None,
                     "pruned_layers": sum(layer.density < 1 for layer in report.layers) if report else None,
                     "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                    "options": {"engines": args.engines, "onnxruntime_spinning": False,
+                    "options": {"engines": args.engines, "onnxruntime_spinning": False, "block": BLOCK,
+                                "settle": SETTLE,
                                 "diffprune_calibration": f"{batch}x{length}",
                                 "diffprune_kernel_threads": kernel_threads(sparse) if report else None},
                     "commit": commit(),
@@ -268,7 +265,7 @@ def main() -> None:
     parser.add_argument("--threads", type=_ints, default=[2])
     parser.add_argument("--engines", type=lambda t: t.split(","), default=list(ENGINES))
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="Rounds of blocks left out first.")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-table", action="store_true", help="Do not rewrite benchmarks/README.md.")
     args = parser.parse_args()

@@ -30,13 +30,14 @@ def test_pruning_is_per_matrix_and_exact(pruned_tiny):
 
 def test_a_record_of_every_engine(pruned_tiny, tmp_path):
     engines = ["eager", "csr", "onnxruntime", "diffprune"]  # onnxruntime: in the test extra
-    args = Namespace(engines=engines, threads=[1], batch_sizes=[2], lengths=[8], repeats=2, warmup=1)
+    args = Namespace(engines=engines, threads=[1], batch_sizes=[2], lengths=[8], repeats=2, warmup_rounds=1)
     records = sparse_speed.measure("tiny", 0.9, pruned_tiny, args, tmp_path)
     (r,) = records
     assert set(r["ms"]) == set(engines) and all(v > 0 for v in r["ms"].values())
     assert all(d <= 1e-4 for d in r["max_abs_diff"].values()), r["max_abs_diff"]
     assert r["weight_bytes"]["eager"] == r["dense_fp32_weight_bytes"]
     assert r["version"] and len(r["load_avg_start"]) == 3 and r["options"]["engines"] == engines
+    assert r["fused_layers"] in (0, 2) and r["options"]["block"] > r["options"]["settle"]  # fused where faster
 
     r["model"] = "all-MiniLM-L6-v2 (magnitude)"
     r["sparsity"], r["batch_size"], r["length"], r["threads"] = 0.95, 1, 128, 2

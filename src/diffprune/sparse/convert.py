@@ -18,6 +18,7 @@ sparse form on one thread, the dense one on torch's threads.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 
 from diffprune.errors import DiffpruneError, DiffpruneWarning
 from diffprune.sparse.linear import SparseLinear
+from diffprune.sparse.timing import time_in_blocks
 
 CHOICES = ("measure", "sparse")
 # Sparse must win by this much: a near tie is left dense, exact and with nothing to lose.
@@ -51,6 +53,8 @@ class SparsifyReport:
     tokens: int
     threads: int
     layers: list[LayerChoice] = field(default_factory=list)
+    fused_layers: list[str] = field(default_factory=list)  # encoder layers run as one fused call each
+    model_ms: dict[str, float] | None = None  # the model's fastest call, Linear by Linear and fused
 
     @property
     def sparse_layers(self) -> list[LayerChoice]:
@@ -60,11 +64,14 @@ class SparsifyReport:
         pruned = [layer for layer in self.layers if layer.density < 1]
         if not pruned:
             return "no pruned Linear layer: the model runs dense"
+        fused = self.fused_layers
         return (f"{len(self.sparse_layers)} of {len(pruned)} pruned Linear layers run sparse "
-                f"(timed at {self.tokens} tokens on one thread; the rest stay dense, as fast or faster there)")
+                f"(timed at {self.tokens} tokens; the rest stay dense, as fast or faster there)"
+                + (f"; {len(fused)} encoder layers run as one fused call each" if fused else ""))
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "threads": self.threads, "layers": [asdict(layer) for layer in self.layers]}
+        return {"tokens": self.tokens, "threads": self.threads, "layers": [asdict(layer) for layer in self.layers],
+                "fused_layers": self.fused_layers, "model_ms": self.model_ms}
 
 
 def sparsify(model: nn.Module, *, batch_size: int = 1, length: int = 128, choose: str = "measure",
@@ -87,6 +94,7 @@ def sparsify(model: nn.Module, *, batch_size: int = 1, length: int = 128, choose
     with torch.no_grad():
         for name, linear in linears:
             report.layers.append(_convert(model, name, linear, report.tokens, choose, repeats))
+        _fuse(model, report, batch_size, length, choose, repeats)
     if not any(layer.density < 1 for layer in report.layers):
         warnings.warn(DiffpruneWarning("the model has no pruned Linear layer (no weight holds a zero); "
                                        "it runs dense, unchanged"), stacklevel=2)
@@ -124,6 +132,40 @@ def _time_pair(dense: nn.Module, sparse: nn.Module, tokens: int, repeats: int) -
             layer(x)
             times[layer].append((time.perf_counter() - start) * 1e6)
     return min(times[dense]), min(times[sparse])
+
+
+def _fuse(model: nn.Module, report: SparsifyReport, batch_size: int, length: int, choose: str, repeats: int) -> None:
+    """Fuse the encoder layers of the fused form whose Linears all hold zeros (fuse.py), where
+    `choose` is "sparse" or where the model with them fused is measured faster than the model
+    as converted Linear by Linear. Whole models are timed, in blocks of calls (timing.py): a
+    fused layer's speed depends on what ran before it (torch's threads, spinning after their
+    ops, take the cores it needs), which timing layers one by one gets wrong."""
+    from diffprune.sparse.fuse import FusedEncoderLayer, as_fused, fusable_when_sparse, fuse
+
+    names = [n for n, m in model.named_modules() if not isinstance(m, FusedEncoderLayer) and fusable_when_sparse(m)]
+    if not names:
+        return
+    fused = copy.deepcopy(model)
+    for name in names:
+        fuse(fused, name, as_fused(fused.get_submodule(name)))
+    if choose == "measure":
+        inputs = _random_inputs(model, batch_size, length)
+        times = time_in_blocks({"linears": lambda: model(**inputs), "fused": lambda: fused(**inputs)}, repeats)
+        report.model_ms = {k: min(t) for k, t in times.items()}
+        if report.model_ms["fused"] >= MARGIN * report.model_ms["linears"]:
+            return
+    for name in names:
+        fuse(model, name, fused.get_submodule(name))
+    report.fused_layers = names
+    for choice in report.layers:  # the fused layers' Linears all run sparse, inside the fused call
+        if any(choice.name.startswith(name + ".") for name in names) and choice.density < 1:
+            choice.kept = "sparse"
+
+
+def _random_inputs(model: nn.Module, batch_size: int, length: int) -> dict[str, torch.Tensor]:
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1000)
+    ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -103,7 +103,7 @@ def _compile() -> dict[str, object]:
             run(indptr, indices, data, x, bias, y, scratch[nb.get_thread_id()], row_cuts, tile,
                 p * items // parts, (p + 1) * items // parts)
 
-    _KERNELS.update(spmm=spmm, spmm_parallel=spmm_parallel)
+    _KERNELS.update(run=run, spmm=spmm, spmm_parallel=spmm_parallel)
     return _KERNELS
 
 
@@ -182,6 +182,27 @@ def scratch(floats: int) -> np.ndarray:
     if _SCRATCH[0].shape[1] < floats:
         _SCRATCH[0] = np.empty((numba().config.NUMBA_NUM_THREADS, floats), np.float32)
     return _SCRATCH[0]
+
+
+_WORK = [np.empty(0, np.float32)]
+
+
+def workspace(floats: int) -> np.ndarray:
+    """A float32 row of at least `floats` for a fused layer's intermediates, kept between calls
+    (as scratch, and for the same reason); taken inside the pool."""
+    if _WORK[0].size < floats:
+        _WORK[0] = np.empty(floats, np.float32)
+    return _WORK[0]
+
+
+_POSITIONS = [np.arange(0, dtype=np.int32)]
+
+
+def positions(n: int) -> np.ndarray:
+    """0, 1, ..., at least n of them (int32): the fused layer's row numbers (encoder_kernel.py)."""
+    if _POSITIONS[0].size < n:
+        _POSITIONS[0] = np.arange(max(n, 2 * _POSITIONS[0].size), dtype=np.int32)
+    return _POSITIONS[0]
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """Load a model for sparse inference (from a run, a patch of any kind or an HF folder with zeros)
 and time it dense against sparse on this machine.
 
-The timing alternates the two models call by call on the same inputs, so that load from
-other work on the machine falls on both alike; each figure is a median after warm-up.
+The timing alternates the two models in blocks of calls on the same inputs (time_in_blocks), so
+that load from other work on the machine falls on both alike; each figure is a median after
+warm-up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffprune.base import BaseModel, load_base
 from diffprune.errors import DiffpruneError
 from diffprune.sparse.convert import SparsifyReport, sparsify
 from diffprune.sparse.linear import SparseLinear
+from diffprune.sparse.timing import time_in_blocks
 
 
 def load_for_inference(source: str | os.PathLike, model: str | None = None) -> BaseModel:
@@ -67,19 +69,6 @@ def random_inputs(base: BaseModel, batch_size: int, length: int, seed: int = 0) 
     vocab = int(getattr(base.model.config, "vocab_size", 0) or 1000)
     ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def time_alternating(models: dict[str, nn.Module], inputs: dict, repeats: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median ms of each model's forward, called in turn, after `warmup` calls each."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(**inputs)
-                if i >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
@@ -130,7 +119,8 @@ def compare_speed(base: BaseModel, batch_size: int = 1, length: int = 128, threa
         report = sparsify(sparse, batch_size=batch_size, length=length)
         with torch.no_grad():
             diff = (_logits(dense, inputs) - _logits(sparse, inputs)).abs().max().item()
-        ms = time_alternating({"dense": dense, "sparse": sparse}, inputs, repeats)
+        times = time_in_blocks({"dense": lambda: dense(**inputs), "sparse": lambda: sparse(**inputs)}, repeats)
+        ms = {name: statistics.median(t) for name, t in times.items()}
     finally:
         torch.set_num_threads(previous)
     return SpeedResult(batch_size, length, threads, ms["dense"], ms["sparse"], diff, linear_weight_bytes(sparse),
