@@ -27,13 +27,14 @@ def render(records: list[dict]) -> str:
     lines = [
         "Median ms per call (speedup against torch eager in brackets); `diffprune x compile` is its speedup "
         "against torch.compile; diff: the largest output difference of diffprune's sparse model to eager; "
-        "weights: the bytes diffprune's Linear weights take against their dense fp32 bytes; load: the 1-minute "
+        "weights: the bytes diffprune's Linear weights take against their dense fp32 bytes; fused: encoder layers "
+        "run as one fused call (empty: rows from before fusion); load: the 1-minute "
         "load average when the row started (2 cores: above about 0.5, other work shared them, and every "
         "engine ran slower).",
         "",
         "| model | sparsity | batch x length | threads | " + " | ".join(NAMES[e] for e in engines)
-        + " | diffprune x compile | diff | weights | sparse layers | load |",
-        "|---" * (len(engines) + 9) + "|",
+        + " | diffprune x compile | diff | weights | sparse layers | fused | load |",
+        "|---" * (len(engines) + 10) + "|",
     ]
     for r in sorted(rows, key=lambda r: (r["model"], r["sparsity"], r["threads"], r["batch_size"], r["length"])):
         ms = r["ms"]
@@ -50,8 +51,9 @@ def render(records: list[dict]) -> str:
         ratio = f"{weights / r['dense_fp32_weight_bytes']:.3f}x" if weights else ""
         layers = f"{r['sparse_layers']}/{r['pruned_layers']}" if r.get("sparse_layers") is not None else ""
         diff_text = f"{diff:.1e}" if diff is not None else ""
+        fused = str(r["fused_layers"]) if r.get("fused_layers") is not None else ""
         lines.append(f"| {r['model']} | {r['sparsity']:.0%} | {r['batch_size']} x {r['length']} | {r['threads']} | "
-                     + " | ".join(cells) + f" | {vs_compile} | {diff_text} | {ratio} | {layers} | "
+                     + " | ".join(cells) + f" | {vs_compile} | {diff_text} | {ratio} | {layers} | {fused} | "
                      f"{r['load_avg_start'][0]:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -63,7 +65,7 @@ diffprune's sparse model (`diffprune.sparse.sparsify`: each pruned Linear as com
 by a numba kernel, where that is measured faster than dense) against dense torch eager, torch
 with `torch.compile`, torch's own CSR weights (`torch.sparse.mm` on the transposed input) and
 ONNX Runtime (dense, its threads not spinning so that they leave the cores to the engine timed
-next). All in one process, alternating call by call, on the same tokens. The packaged MiniLM is
+next). All in one process, alternating in blocks of calls, on the same tokens. The packaged MiniLM is
 pruned per matrix by magnitude (speed does not depend on which weights survive, only on how
 many per row); the BERT-base-shaped model is built from a config. Rerun with
 `python benchmarks/sparse_speed.py` (see its --help for the grid).
@@ -108,15 +110,20 @@ cores, which slows every engine, torch's 2-thread engines most (their OpenMP thr
 against the other work) and ONNX Runtime's least (its threads sleep); "fastest calls" divides
 the fastest calls, which load disturbs least.
 
-Since 2026-12-07 the kernel reads and writes the activations as torch holds them: tiles of 16
-or 32 tokens are transposed in cache by vector shuffles and each output row's sums stay in
-vector registers over its nonzeros (`sparse/simd.py`); the torch transposes around the old
-kernel cost more than the kernel. In a model each kernel runs on one thread (see
-`sparse/convert.py`): on two, torch's OpenMP threads spinning between their own ops took the
-second core's gain away. What stands between the kernel and the goal at 95% on two threads:
-the work that is not a Linear layer (attention, GELU, LayerNorm, residual adds: about 4 ms of
-the 10 ms forward pass, scaled by torch's two threads), the kernels on one core (about 4.5 ms
-for the 36 layers), and a second core that only torch's ops use.
+The kernel reads and writes the activations as torch holds them: tiles of 16 or 32 tokens are
+transposed in cache by vector shuffles and each output row's sums stay in vector registers over
+its nonzeros (`sparse/simd.py`). Since the second session of 2026-12-07 (rows with a "fused"
+count), a BERT-style encoder layer whose six Linear layers all run sparse is one numba call
+(`sparse/encoder_kernel.py`, `sparse/fuse.py`): attention, GELU, LayerNorm and the residual adds
+in vector code, every step on all threads, no torch op inside. Before, the non-Linear work took
+about 4 ms of the 10 ms forward pass at 95%, and each kernel ran on one thread, because torch's
+OpenMP threads, spinning after their own ops, took the second core's gain away; a fused model
+runs torch's own few ops (embeddings, pooler, head) on one thread for that reason. sparsify
+keeps the fused layers where the whole model is measured faster with them. The engines are
+timed in blocks of 5 consecutive calls, the first 2 of each block left out: a call right after
+another engine pays for that engine's spinning threads (a fused 95% MiniLM after dense torch:
+8.8 instead of 6.5 ms), which a user running one model never sees. Older rows alternated call by
+call.
 
 """
 

@@ -178,3 +178,16 @@ def test_timing_in_blocks_counts_the_settled_calls_of_every_round():
     rounds = 1 + -(-7 // (BLOCK - SETTLE))
     assert {len(t) for t in times.values()} == {7} and all(t >= 0 for t in times["a"] + times["b"])
     assert calls == {"a": rounds * BLOCK, "b": rounds * BLOCK}
+
+
+def test_empty_and_fully_dense_rows_inside_a_fused_layer():
+    model = _prune(_bert(64, 2), 0.9)
+    with torch.no_grad():
+        layer = model.bert.encoder.layer[1]
+        layer.attention.self.key.weight[5] = 0  # an empty row
+        layer.intermediate.dense.weight[7] = torch.randn(64)  # a fully dense row
+        layer.output.dense.weight[:, 3] = 0  # a column no row reads
+    fused, report = _fused(model)
+    assert len(report.fused_layers) == 2
+    for inputs in (_inputs(1, 1), _inputs(2, 33, pad_row=1)):
+        assert (_logits(fused, inputs) - _logits(model, inputs)).abs().max() <= TOL
