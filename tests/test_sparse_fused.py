@@ -191,3 +191,11 @@ def test_empty_and_fully_dense_rows_inside_a_fused_layer():
     assert len(report.fused_layers) == 2
     for inputs in (_inputs(1, 1), _inputs(2, 33, pad_row=1)):
         assert (_logits(fused, inputs) - _logits(model, inputs)).abs().max() <= TOL
+
+
+def test_a_gradient_is_refused_as_by_the_sparse_layers():
+    from diffprune.errors import DiffpruneError
+
+    fused, _ = _fused(_prune(_bert(), 0.9))
+    with pytest.raises(DiffpruneError, match="computes no gradient"):
+        fused(**_inputs(1, 5))  # parameters require gradients, and none is switched off

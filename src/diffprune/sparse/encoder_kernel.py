@@ -188,6 +188,12 @@ def _gelu(y):
 
 
 @nb.njit(**JIT)
+def work_floats(tokens, hidden, inner):
+    """Floats of encoder_layer's intermediates: q, k, v, the attention's output, h; u."""
+    return 5 * tokens * hidden + tokens * inner
+
+
+@nb.njit(**JIT)
 def encoder_layer(x, out, mask, qkv, attn_out, up, down, norms, consts, seq, heads, work, scratch, positions,
                   tile, parts):
     """out = the BERT layer of x (tokens, hidden), sequences of `seq` tokens one after another.

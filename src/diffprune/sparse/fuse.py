@@ -79,9 +79,12 @@ def fusable(layer: nn.Module) -> bool:
     linears = _linears_of(layer)
     if not all(isinstance(m, SparseLinear) for m in linears):
         return False
-    own = layer.attention.self
+    own, hidden = layer.attention.self, linears[0].in_features
     norms = [getattr(m, "LayerNorm", None) for m in (layer.attention.output, layer.output)]
-    return (all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
+    inner = linears[4].out_features
+    return ([(m.in_features, m.out_features) for m in linears]
+            == [(hidden, hidden)] * 4 + [(hidden, inner), (inner, hidden)]
+            and all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms)
             and len({m.indices.dtype for m in linears[:3]}) == 1
             and isinstance(getattr(own, "num_attention_heads", None), int)
             and own.query.out_features // own.num_attention_heads in HEAD_DIMS
@@ -110,8 +113,11 @@ class FusedEncoderLayer(nn.Module):
         return _linears_of(self)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        mask = self._additive_mask(attention_mask, hidden_states)
-        if (mask is None or self.training or hidden_states.dim() != 3 or hidden_states.dtype is not torch.float32
+        # Anything the fused call does not compute as the layer would goes to the layer itself
+        # (a gradient, for one: its SparseLinears then refuse it).
+        mask = self._additive_mask(attention_mask, hidden_states) if hidden_states.dim() == 3 else None
+        if (mask is None or self.training or hidden_states.dtype is not torch.float32
+                or hidden_states.device.type != "cpu" or (hidden_states.requires_grad and torch.is_grad_enabled())
                 or any(a is not None for a in args) or kwargs.get("cache") is not None
                 or kwargs.get("past_key_values") is not None or kwargs.get("output_attentions")):
             return self._layer[0](hidden_states, attention_mask, *args, **kwargs)
@@ -160,7 +166,7 @@ class FusedEncoderLayer(nn.Module):
         tile, inner = kernel.tile_width(tokens), up[0].size - 1
         with kernel.pool(threads):
             scratch = kernel.scratch(max((width + inner) * tile, encoder_kernel.attention_floats(seq, width // self.heads)))
-            work = kernel.workspace(5 * tokens * width + tokens * inner)
+            work = kernel.workspace(encoder_kernel.work_floats(tokens, width, inner))
             encoder_kernel.encoder_layer(x.numpy(), out.numpy(), mask.numpy(), qkv, attn_out, up, down, norms, consts,
                                          seq, self.heads, work, scratch, kernel.positions(max(seq, width)), tile, threads)
         return out.reshape(batch, seq, width)
