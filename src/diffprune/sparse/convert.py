@@ -30,7 +30,7 @@ from torch import nn
 
 from diffprune.errors import DiffpruneError, DiffpruneWarning
 from diffprune.sparse.linear import SparseLinear
-from diffprune.sparse.timing import time_in_blocks
+from diffprune.sparse.timing import time_in_blocks, token_inputs
 
 CHOICES = ("measure", "sparse")
 # Sparse must win by this much: a near tie is left dense, exact and with nothing to lose.
@@ -151,8 +151,12 @@ def _fuse(model: nn.Module, report: SparsifyReport, batch_size: int, length: int
     for name in names:
         fuse(fused, name, as_fused(fused.get_submodule(name)))
     if choose == "measure":
-        inputs = _random_inputs(model, batch_size, length)
-        times = time_in_blocks({"linears": lambda: model(**inputs), "fused": lambda: fused(**inputs)}, repeats)
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1000)
+        inputs = token_inputs(vocab, batch_size, length)
+        try:
+            times = time_in_blocks({"linears": lambda: model(**inputs), "fused": lambda: fused(**inputs)}, repeats)
+        except TypeError:  # not a model called with token ids: nothing to time it on, left unfused
+            return
         report.model_ms = {k: min(t) for k, t in times.items()}
         if report.model_ms["fused"] >= MARGIN * report.model_ms["linears"]:
             return
@@ -162,12 +166,6 @@ def _fuse(model: nn.Module, report: SparsifyReport, batch_size: int, length: int
     for choice in report.layers:  # the fused layers' Linears all run sparse, inside the fused call
         if any(choice.name.startswith(name + ".") for name in names) and choice.density < 1:
             choice.kept = "sparse"
-
-
-def _random_inputs(model: nn.Module, batch_size: int, length: int) -> dict[str, torch.Tensor]:
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1000)
-    ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -22,7 +22,7 @@ from diffprune.base import BaseModel, load_base
 from diffprune.errors import DiffpruneError
 from diffprune.sparse.convert import SparsifyReport, sparsify
 from diffprune.sparse.linear import SparseLinear
-from diffprune.sparse.timing import time_in_blocks
+from diffprune.sparse.timing import time_in_blocks, token_inputs
 
 
 def load_for_inference(source: str | os.PathLike, model: str | None = None) -> BaseModel:
@@ -60,15 +60,13 @@ def check_threads(threads: int) -> int:
 
 
 def random_inputs(base: BaseModel, batch_size: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Token ids drawn from the vocabulary (speed does not depend on which) and a full mask."""
+    """Token ids drawn from the vocabulary and a full mask, within the model's limits."""
     limit = base.max_positions()
     if batch_size < 1 or length < 1:
         raise DiffpruneError(f"batch size and length must be at least 1 (got {batch_size} and {length})")
     if limit is not None and length > limit:
         raise DiffpruneError(f"length {length} is beyond this model's limit of {limit} tokens")
-    vocab = int(getattr(base.model.config, "vocab_size", 0) or 1000)
-    ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return token_inputs(int(getattr(base.model.config, "vocab_size", 0) or 1000), batch_size, length, seed)
 
 
 def linear_weight_bytes(model: nn.Module) -> dict[str, int]:

@@ -31,3 +31,9 @@ def time_in_blocks(calls: dict[str, Callable[[], object]], repeats: int = 30, wa
                     if r >= warmup_rounds and i >= SETTLE and len(times[name]) < repeats:
                         times[name].append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def token_inputs(vocab_size: int, batch_size: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids drawn from the vocabulary (speed does not depend on which) and a full mask."""
+    ids = torch.randint(0, vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
