@@ -243,6 +243,8 @@ def test_speed_command_on_a_model_folder(tiny, tmp_path):
     record = json.loads(result.stdout)
     assert record["max_abs_diff"] <= TOL and record["dense_ms"] > 0 and record["sparse_ms"] > 0
     assert len(record["layers"]) == 14  # 12 encoder Linears, the pooler and the classifier
+    assert set(record["model_ms"]) == {"linears", "fused"} and record["fused_layers"] in ([], [
+        "bert.encoder.layer.0", "bert.encoder.layer.1"])  # fused where the whole model ran faster
     bad = _invoke("speed", str(tmp_path / "pruned"), "--threads", "0")
     assert bad.exit_code == 1 and "threads must be between 1" in bad.stderr
 

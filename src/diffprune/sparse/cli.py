@@ -21,8 +21,9 @@ def speed_command(source, model, batch_size, length, threads, repeats, as_json) 
     """Time SOURCE (a run folder, a patch file or a model folder) dense and sparse.
 
     Dense is the model as torch runs it (eager); sparse is the same model after `sparsify`,
-    which runs each pruned Linear with the sparse kernel where that is measured faster. The
-    two are called in turn on the same random tokens, so other work on the machine slows both.
+    which runs each pruned Linear with the sparse kernel where that is measured faster, and
+    BERT-style encoder layers as one fused call where that is. The two are called in turn, in
+    blocks of calls, on the same random tokens, so other work on the machine slows both.
     """
     from diffprune.cli import _run
     from diffprune.sparse.speed import compare_speed, load_for_inference
@@ -36,7 +37,9 @@ def speed_command(source, model, batch_size, length, threads, repeats, as_json) 
 
     result = _run(measure)
     if as_json:
-        click.echo(json.dumps({**result.to_dict(), "layers": result.report.to_dict()["layers"]}, indent=2))
+        report = result.report.to_dict()
+        click.echo(json.dumps({**result.to_dict(), **{k: report[k] for k in ("layers", "fused_layers", "model_ms")}},
+                              indent=2))
         return
     w = result.weight_bytes
     click.echo(f"sparse: {result.report.summary()}")
