@@ -1,5 +1,6 @@
-"""Fused encoder layers (sparsify makes them, convert.py): each BERT-style encoder layer whose six Linear layers all run sparse
-becomes one compiled call (encoder_kernel.py), with no torch op inside it.
+"""Fused encoder layers (sparsify makes them, convert.py): each BERT-style encoder layer whose
+six Linear layers all run sparse becomes one compiled call (encoder_kernel.py), with no torch op
+inside it.
 
 A layer qualifies by what it holds, not by its class name: self-attention of query, key and
 value SparseLinears with absolute positions (no relative-position tables), an output SparseLinear
@@ -137,7 +138,8 @@ class FusedEncoderLayer(nn.Module):
             return None
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
-        return mask.to(torch.float32).expand(batch, 1, mask.shape[2], seq).reshape(batch, mask.shape[2], seq).contiguous()
+        queries = mask.shape[2]
+        return mask.to(torch.float32).expand(batch, 1, queries, seq).reshape(batch, queries, seq).contiguous()
 
     def _tensors(self) -> list[torch.Tensor]:
         norms = (self.attention.output.LayerNorm, self.output.LayerNorm)
@@ -166,10 +168,12 @@ class FusedEncoderLayer(nn.Module):
         qkv, attn_out, up, down, norms, consts = self._weights(threads)
         tile, inner = kernel.tile_width(tokens), up[0].size - 1
         with kernel.pool(threads):
-            scratch = kernel.scratch(max((width + inner) * tile, encoder_kernel.attention_floats(seq, width // self.heads)))
+            attention = encoder_kernel.attention_floats(seq, width // self.heads)
+            scratch = kernel.scratch(max((width + inner) * tile, attention))
             work = kernel.workspace(encoder_kernel.work_floats(tokens, width, inner))
-            encoder_kernel.encoder_layer(x.numpy(), out.numpy(), mask.numpy(), qkv, attn_out, up, down, norms, consts,
-                                         seq, self.heads, work, scratch, kernel.positions(max(seq, width)), tile, threads)
+            encoder_kernel.encoder_layer(x.numpy(), out.numpy(), mask.numpy(), qkv, attn_out, up, down, norms,
+                                         consts, seq, self.heads, work, scratch, kernel.positions(max(seq, width)),
+                                         tile, threads)
         return out.reshape(batch, seq, width)
 
 

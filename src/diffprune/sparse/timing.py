@@ -13,7 +13,8 @@ import torch
 BLOCK, SETTLE = 5, 2
 
 
-def time_in_blocks(calls: dict[str, Callable[[], object]], repeats: int = 30, warmup_rounds: int = 1) -> dict[str, list[float]]:
+def time_in_blocks(calls: dict[str, Callable[[], object]], repeats: int = 30,
+                   warmup_rounds: int = 1) -> dict[str, list[float]]:
     """Each call's times (ms), `repeats` of them, as a user running one model sees them: in
     blocks of BLOCK consecutive calls, the blocks of the calls alternating round after round
     (load from other work falls on all alike), each round starting one call later (none always
