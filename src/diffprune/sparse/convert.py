@@ -147,7 +147,8 @@ def _fuse(model: nn.Module, report: SparsifyReport, batch_size: int, length: int
     names = [n for n, m in model.named_modules() if not isinstance(m, FusedEncoderLayer) and fusable_when_sparse(m)]
     if not names:
         return
-    fused = copy.deepcopy(model)
+    # Measuring needs both models; otherwise the model itself is fused (no copy to make).
+    fused = copy.deepcopy(model) if choose == "measure" else model
     for name in names:
         fuse(fused, name, as_fused(fused.get_submodule(name)))
     if choose == "measure":
@@ -160,8 +161,8 @@ def _fuse(model: nn.Module, report: SparsifyReport, batch_size: int, length: int
         report.model_ms = {k: min(t) for k, t in times.items()}
         if report.model_ms["fused"] >= MARGIN * report.model_ms["linears"]:
             return
-    for name in names:
-        fuse(model, name, fused.get_submodule(name))
+        for name in names:
+            fuse(model, name, fused.get_submodule(name))
     report.fused_layers = names
     for choice in report.layers:  # the fused layers' Linears all run sparse, inside the fused call
         if any(choice.name.startswith(name + ".") for name in names) and choice.density < 1:
