@@ -7,7 +7,9 @@ many entries a patch changes and where, not on what was learned: diffprune.servi
   holds it (the compact form of its file: fp16 values), and as a TaskPatch in memory (fp32);
 * mixed: one forward of a batch of R rows over T tasks (--mixed-shapes, 64 tokens a row) with
   every row's own delta and head, against the bare base on the same batch and PEFT's mixed LoRA
-  batches (r 8 on query and value, `adapter_names=`), alternated call by call, medians;
+  batches (r 8 on query and value, `adapter_names=`), medians, timed in blocks of calls as a server
+  running one of them sees it (diffprune.sparse.timing: call by call, each paid for the threads
+  the one before left spinning; records with "timing": "blocks" in their options);
 * memory: the bytes a loaded task's tensors hold in the bank against its patch file (fp16
   values), counted tensor by tensor (a resident-memory delta would hide in memory the allocator
   kept from building the patches);
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 import diffprune
+from diffprune.sparse.timing import time_in_blocks
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "serving.jsonl"
@@ -152,17 +155,7 @@ def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
 
     runs = {"bare": lambda: base.model(**encoded).logits, "diffprune": ours,
             "peft_lora": lambda: peft(**encoded, adapter_names=names).logits}
-    times = {k: [] for k in runs}
-    with torch.no_grad():
-        for _ in range(2):
-            for fn in runs.values():
-                fn()
-        for _ in range(repeats):
-            for k, fn in runs.items():  # alternated, so load on the machine hits all alike
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
-    ms = {k: median_ms(v) for k, v in times.items()}
+    ms = {k: round(statistics.median(v), 4) for k, v in time_in_blocks(runs, repeats).items()}
     return {"tasks": tasks, "rows": rows, "tokens": 64, "nnz_per_task": loaded[0].diffs.nnz,
             **{f"{k}_ms": v for k, v in ms.items()},
             "diffprune_vs_bare": round(ms["bare"] / ms["diffprune"], 4),
@@ -222,7 +215,7 @@ def run(args) -> None:
                      lambda: apply_revert(base, args.density, 10 * args.repeats)))
     for shape in args.mixed_shapes if "mixed" in args.only else []:
         tasks, rows = (int(x) for x in shape.split("x"))
-        plan.append(("mixed", {**common, "tasks": tasks, "rows": rows, "repeats": args.repeats},
+        plan.append(("mixed", {**common, "tasks": tasks, "rows": rows, "repeats": args.repeats, "timing": "blocks"},
                      lambda tasks=tasks, rows=rows: mixed(base, tasks, rows, args.density, args.repeats)))
     if "memory" in args.only:
         plan.append(("memory", {**common, "tasks": args.memory_tasks},

@@ -45,12 +45,15 @@ def table(rows: list[dict]) -> str:
         out.append("")
     if latest(rows, "mixed"):
         out += ["Mixed-task batches of 64-token rows, one forward (throughput against the bare base on the same "
-                "batch; goal ≥ 0.95x). PEFT: mixed LoRA batches (r 8, query and value, `adapter_names=`).", "",
+                "batch; goal ≥ 0.95x). PEFT: mixed LoRA batches (r 8, query and value, `adapter_names=`). Timing: "
+                "blocks (each engine several calls in a row, as a server running it sees it) or calls (alternated "
+                "call by call, the records before blocks).", "",
                 "| tasks x rows | threads | bare base | diffprune mixed | PEFT LoRA mixed | diffprune / bare | "
-                "PEFT / bare | repeats | load |", "|---|---|---|---|---|---|---|---|---|"]
+                "PEFT / bare | repeats | timing | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['tasks']} x {r['rows']} | {r['options']['threads']} | {r['bare_ms']:.1f} ms | "
                 f"{r['diffprune_ms']:.1f} ms | {r['peft_lora_ms']:.1f} ms | {r['diffprune_vs_bare']:.3f}x | "
-                f"{r['peft_lora_vs_bare']:.3f}x | {r['options']['repeats']} | {load_note(r)} |"
+                f"{r['peft_lora_vs_bare']:.3f}x | {r['options']['repeats']} | {r['options'].get('timing', 'calls')} | "
+                f"{load_note(r)} |"
                 for r in latest(rows, "mixed")]
         out.append("")
     if latest(rows, "memory"):
