@@ -101,6 +101,12 @@ def tiny_model_no_dropout(tmp_path_factory) -> str:
     return str(tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0))
 
 
+@pytest.fixture(scope="module")
+def own_vocab_dir(tmp_path_factory) -> Path:
+    """A tiny BERT with its own 128-word vocabulary (tiny_bert_own_vocab), one per test module."""
+    return tiny_bert_own_vocab(tmp_path_factory.mktemp("tiny-bert"))
+
+
 @pytest.fixture
 def glue_dir() -> str:
     return str(GLUE_FIXTURES)
