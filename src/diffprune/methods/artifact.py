@@ -43,6 +43,18 @@ def save_patch(patch: TaskPatch, output: Path, value_dtype: str) -> dict[str, in
     return {PATCH_FILE: size}
 
 
+def patch_summary(method: Any, contents: str, model: nn.Module) -> dict[str, Any]:
+    """The record's lines on the patch a run wrote (its bytes and `contents` beside a full fp32
+    copy of `model`, head included); nothing where the run wrote none."""
+    size = getattr(method, "patch_bytes", None)
+    if size is None:
+        return {}
+    copy = 4 * sum(p.numel() for p in model.parameters())
+    return {"patch_bytes": size, "summary": [
+        f"patch: {size:,} bytes ({contents}); a full model copy: {copy:,} bytes ({copy / size:.0f}x larger)",
+        f"patch written to {method.patch_path}"]}
+
+
 def load_patched(base: BaseModel, output: Path) -> nn.Module:
     """Apply the run's patch onto the freshly loaded base (refused if the base differs)."""
     TaskPatch.load(output / PATCH_FILE).apply(base)

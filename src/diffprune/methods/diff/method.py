@@ -19,7 +19,7 @@ from torch import nn
 from diffprune.base import BaseModel
 from diffprune.errors import DiffpruneError
 from diffprune.gates import GateShape, prob_nonzero
-from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
+from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, patch_summary, save_patch
 from diffprune.methods.diff.model import DiffModel
 from diffprune.methods.diff.options import DiffOptions, NonAdaptiveOptions, PatchOptions
 from diffprune.methods.diff.steering import DensitySteering
@@ -184,16 +184,8 @@ class _DiffBase(Method):
                   else None, "base_params": base.num_base_params, "k": self.k}
         if float(model.learned_density) >= 0:
             extras["learned_density"] = float(model.learned_density)
-        if getattr(self, "patch_bytes", None) is not None:
-            extras["patch_bytes"] = self.patch_bytes
-            copy = 4 * sum(p.numel() for p in model.model.parameters())  # fp32 model, head included
-            nnz, dtype = extras["nnz"], self.config.patch_dtype
-            extras["summary"] = [
-                f"patch: {self.patch_bytes:,} bytes ({nnz:,} changed entries, {dtype} values); "
-                f"a full model copy: {copy:,} bytes ({copy / self.patch_bytes:.0f}x larger)",
-                f"patch written to {self.patch_path}",
-            ]
-        return extras
+        contents = f"{extras['nnz'] or 0:,} changed entries, {self.config.patch_dtype} values"
+        return {**extras, **patch_summary(self, contents, model.model)}
 
 
 class _AdaptiveDiff(_DiffBase):

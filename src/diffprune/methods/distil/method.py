@@ -26,7 +26,7 @@ from torch import nn
 from diffprune.base import BaseModel, load_base
 from diffprune.errors import DiffpruneError
 from diffprune.io import atomic_dir
-from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
+from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, patch_summary, save_patch
 from diffprune.methods.distil.layers import PROBABILITIES, count_layers, expose_attention, keep_first_layers, layer_map
 from diffprune.methods.distil.losses import kd_terms
 from diffprune.methods.distil.model import DistilModel
@@ -227,16 +227,12 @@ class PruningAtDistilling(Method):
                   "nnz": model.kept(), "student_layers": self.student_layers, "layer_map": self.mapping,
                   "attention_target": self.attention,
                   "teacher": self.config.teacher or ("trained in this run" if model.teacher is not None else None)}
-        if getattr(self, "patch_bytes", None) is not None:
-            copy = 4 * sum(p.numel() for p in model.student.parameters())
-            kinds = {k: sum(d.nnz for d in self.changes.values() if d.kind == k) for k in ("sparse", "add")}
-            extras["patch_bytes"] = self.patch_bytes
-            extras["summary"] = [
-                f"patch: {self.patch_bytes:,} bytes ({kinds['sparse']:,} kept entries of {pruned_total:,} pruned "
-                f"weights, {kinds['add']:,} changed entries of the dense tensors); a full model copy: {copy:,} bytes",
-                f"patch written to {self.patch_path}",
-            ]
-        return extras
+        if getattr(self, "patch_bytes", None) is None:
+            return extras
+        kinds = {k: sum(d.nnz for d in self.changes.values() if d.kind == k) for k in ("sparse", "add")}
+        contents = (f"{kinds['sparse']:,} kept entries of {pruned_total:,} pruned weights, {kinds['add']:,} changed "
+                    "entries of the dense tensors")
+        return {**extras, **patch_summary(self, contents, model.student)}
 
 
 def embeddings(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 
 from diffprune.base import BaseModel
 from diffprune.heads import FROZEN_ENCODER_HEAD_LR
-from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, save_patch
+from diffprune.methods.artifact import PATCH_FILE, head_state, load_patched, patch_meta, patch_summary, save_patch
 from diffprune.methods.masking.options import MagnitudeOptions, MaskOptions
 from diffprune.methods.registry import Method, register
 from diffprune.patch import TaskPatch
@@ -114,15 +114,9 @@ class MaskMethod(Method):
         extras = {"sparsity": model.sparsity(), "target_sparsity": self.config.sparsity, "pruned_tensors": len(kept),
                   "tensor_sparsity": {n: 1 - float(k.float().mean()) for n, k in zip(model.names, kept)},
                   "nnz": model.total - sum(int(k.sum()) for k in kept), "base_params": base.num_base_params}
-        if getattr(self, "patch_bytes", None) is not None:
-            copy = 4 * sum(p.numel() for p in model.model.parameters())
-            extras["patch_bytes"] = self.patch_bytes
-            extras["summary"] = [
-                f"patch: {self.patch_bytes:,} bytes ({extras['nnz']:,} base entries switched off, "
-                f"{100 * extras['sparsity']:.1f}% of the {model.total:,} pruned); a full model copy: {copy:,} bytes",
-                f"patch written to {self.patch_path}",
-            ]
-        return extras
+        contents = (f"{extras['nnz']:,} base entries switched off, {100 * extras['sparsity']:.1f}% of the "
+                    f"{model.total:,} pruned")
+        return {**extras, **patch_summary(self, contents, model.model)}
 
 
 @register
