@@ -276,6 +276,7 @@ def to_record(name: str, config: dict, run: dict) -> dict:
         "trainable_params": run["trainable_params"],
         "base_params": run["base_params"],
         "seconds": run["seconds"],
+        "cpu_seconds": run.get("cpu_seconds"),  # runs before the library recorded it: none
         "peak_rss_mb": run["peak_rss_mb"],
         "device": run["device"],
         "settings": run_settings(config),

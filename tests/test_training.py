@@ -33,7 +33,7 @@ def reference(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
 def test_record_holds_the_run(reference, tiny_model):
     out, record = reference
     for key in ("model", "fingerprint", "task", "method", "settings", "dev", "evals", "trainable_params",
-                "seconds", "peak_rss_mb", "device"):
+                "seconds", "cpu_seconds", "peak_rss_mb", "device"):
         assert key in record, key
     assert record["model"] == tiny_model and record["fingerprint"].startswith("sha256:")
     assert record["task"] == "MRPC" and record["method"] == "full"
@@ -41,7 +41,7 @@ def test_record_holds_the_run(reference, tiny_model):
     assert record["steps"] == 4 and record["train_examples"] == 16
     assert [(e["epoch"], e["step"]) for e in record["evals"]] == [(1.0, 2), (2.0, 4)]  # one per epoch
     assert set(record["dev"]) >= {"f1", "accuracy", "score"} and record["score"] == record["dev"]["score"]
-    assert record["seconds"] > 0 and record["peak_rss_mb"] > 50 and record["device"].startswith("cpu")
+    assert record["seconds"] > 0 and record["cpu_seconds"] > 0 and record["peak_rss_mb"] > 50 and record["device"].startswith("cpu")
     assert json.loads((out / "run.json").read_text()) == json.loads(json.dumps(record))
 
 

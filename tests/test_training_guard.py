@@ -378,3 +378,15 @@ def test_a_step_the_loss_scaler_skips_leaves_the_schedule_where_it_was():
     _, stepped = train_step(acc, model, phase, groups, optimizer, scheduler, {"factor": torch.tensor([1.0])},
                             1.0, max_grad_norm=0.0)
     assert stepped and model.w.item() < 1.0 and scheduler.last_epoch == 1
+
+
+def test_the_cpu_time_of_a_run_leaves_out_its_pauses_and_carries_across_a_resume():
+    import time
+
+    from diffprune.training.checkpoint import Progress
+
+    progress = Progress(seconds=10.0, cpu_seconds=4.0)  # as a checkpoint left it
+    clock = progress.clock()
+    time.sleep(0.3)  # a stopped process: the wall clock runs on, the CPU clock does not
+    progress.tick(clock)
+    assert 10.3 <= progress.seconds < 12 and 4.0 <= progress.cpu_seconds < 4.1

@@ -202,6 +202,7 @@ def _run_record(settings, spec, method, model, base, data, final, progress, acce
         "data_dir": _data_folder(settings.data_dir),
         "steps": progress.global_step,
         "seconds": round(progress.seconds, 2),
+        "cpu_seconds": round(progress.cpu_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "peak_rss_mb": peak_rss_mb(),
         "device": device_name(accelerator),

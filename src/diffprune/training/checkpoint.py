@@ -16,6 +16,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,18 @@ class Progress:
     best_step: int | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)  # every dev evaluation so far
     seconds: float = 0.0  # training time spent before this checkpoint (for the record's wall time)
+    # ... and the CPU time this process's threads spent in it: what the run cost, which pauses
+    # (a stopped process) and a busy machine do not inflate as they do the wall time
+    cpu_seconds: float = 0.0
+
+    def clock(self) -> tuple[float, float]:
+        """The wall and CPU clocks' readings at which training would have started had it never
+        stopped (for tick)."""
+        return time.perf_counter() - self.seconds, time.process_time() - self.cpu_seconds
+
+    def tick(self, clock: tuple[float, float]) -> None:
+        """The training time so far, from a clock() taken when this process took up the run."""
+        self.seconds, self.cpu_seconds = time.perf_counter() - clock[0], time.process_time() - clock[1]
 
 
 def prepare_output(output: Path, *, overwrite: bool, resume: bool, artifacts: Iterable[str] = ()) -> None:

@@ -8,7 +8,6 @@ killed at any step and resumed reproduces the uninterrupted run.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -107,7 +106,7 @@ def _optimizer_for(acc: Accelerator, phase: Phase, groups: list, total: int, res
 
 def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None) -> Progress:
     progress = resume.progress if resume else Progress()
-    clock = time.perf_counter() - progress.seconds
+    clock = progress.clock()
     best = resume.best if resume else None
     for index, phase in enumerate(phases):
         if index < progress.phase:
@@ -122,14 +121,14 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
                 phase.on_start()
         best = _PhaseRun(ctx, phase, progress, best, clock, resume if resuming else None).run()
         resume = None
-    progress.seconds = time.perf_counter() - clock
+    progress.tick(clock)
     return progress
 
 
 class _PhaseRun:
     """One phase of a run: its optimiser, its steps, dev evaluations, best-keeping, checkpoints."""
 
-    def __init__(self, ctx: LoopContext, phase: Phase, progress: Progress, best: dict | None, clock: float,
+    def __init__(self, ctx: LoopContext, phase: Phase, progress: Progress, best: dict | None, clock: tuple[float, float],
                  resume: Checkpoint | None) -> None:
         self.ctx, self.acc, self.phase, self.progress, self.best, self.clock = (
             ctx, ctx.accelerator, phase, progress, best, clock)
@@ -204,7 +203,7 @@ class _PhaseRun:
 
     def _checkpoint(self) -> None:
         ctx, acc, progress = self.ctx, self.acc, self.progress
-        progress.seconds = time.perf_counter() - self.clock
+        progress.tick(self.clock)
         state = ctx.trainable_state()
         # The steps' check covers the trained parameters; this one also the state beside them
         # (e.g. the controller's penalty weight), so no checkpoint ever holds a non-finite value.
