@@ -128,8 +128,8 @@ def run_phases(ctx: LoopContext, phases: list[Phase], resume: Checkpoint | None)
 class _PhaseRun:
     """One phase of a run: its optimiser, its steps, dev evaluations, best-keeping, checkpoints."""
 
-    def __init__(self, ctx: LoopContext, phase: Phase, progress: Progress, best: dict | None, clock: tuple[float, float],
-                 resume: Checkpoint | None) -> None:
+    def __init__(self, ctx: LoopContext, phase: Phase, progress: Progress, best: dict | None,
+                 clock: tuple[float, float], resume: Checkpoint | None) -> None:
         self.ctx, self.acc, self.phase, self.progress, self.best, self.clock = (
             ctx, ctx.accelerator, phase, progress, best, clock)
         self.steps_per_epoch = math.ceil(len(ctx.train_set) / ctx.batch_size)
