@@ -10,6 +10,10 @@ many entries a patch changes and where, not on what was learned: diffprune.servi
   batches (r 8 on query and value, `adapter_names=`), medians, timed in blocks of calls as a server
   running one of them sees it (diffprune.sparse.timing: call by call, each paid for the threads
   the one before left spinning; records with "timing": "blocks" in their options);
+* sparse_task: a task whose patch is a pruned model (every encoder Linear at --sparsity, the
+  'sparse' kind of pruning at distilling) run by switching onto the dense base and on its own
+  sparse model (`diffprune serve --sparse`), a batch of --sparse-rows x 64 tokens, in blocks;
+  the bytes the sparse model holds beside its patch file;
 * memory: the bytes a loaded task's tensors hold in the bank against its patch file (fp16
   values), counted tensor by tensor (a resident-memory delta would hide in memory the allocator
   kept from building the patches);
@@ -46,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "serving.jsonl"
 README = HERE / "README.md"
 BEGIN, END = "<!-- serving-table:begin -->", "<!-- serving-table:end -->"
-MEASURES = ("apply_revert", "mixed", "memory", "load")
+MEASURES = ("apply_revert", "mixed", "sparse_task", "memory", "load")
 SENTENCES = ["the movie was a delight from start to finish and the cast was wonderful throughout",
              "markets fell sharply on tuesday after the central bank raised interest rates again",
              "a man is playing a guitar on a street corner while people walk past him quietly",
@@ -162,6 +166,44 @@ def mixed(base, tasks: int, rows: int, density: float, repeats: int) -> dict:
             "peft_lora_vs_bare": round(ms["bare"] / ms["peft_lora"], 4), "goal_vs_bare": 0.95}
 
 
+def sparse_task(base, sparsity: float, rows: int, repeats: int) -> dict:
+    """A task whose patch is a pruned model (every encoder Linear at `sparsity`, per matrix, random
+    positions: the kernel's speed depends on the count) run by switching onto the dense base and
+    on its own sparse model (TaskBank(sparse_runtime=True)), one batch of `rows` x 64 tokens."""
+    from diffprune.patch.apply import apply_patch
+    from diffprune.serving import TaskBank
+    from diffprune.serving.heads import forward_with_heads
+    from diffprune.serving.synthetic import random_patch
+
+    modules = dict(base.model.named_modules())
+    weights = [n for n in base.base_names if n.startswith(f"{base.model.base_model_prefix}.encoder.")
+               and n.endswith(".weight") and isinstance(modules[n.rpartition(".")[0]], torch.nn.Linear)]
+    with tempfile.TemporaryDirectory() as folder:
+        random_patch(base, 1 - sparsity, 2, kind="sparse", tensors=weights).save(Path(folder) / "t.safetensors")
+        file_bytes = (Path(folder) / "t.safetensors").stat().st_size
+        bank = TaskBank(base, folder, sparse_runtime=True)
+        task = bank.get("t")
+    loaded = bank.task_bytes(task)
+    start = time.perf_counter()
+    sparse = task.sparse_model(base)
+    build = time.perf_counter() - start
+    encoded, slots = batch_of(base, rows), torch.zeros(rows, dtype=torch.int64)
+
+    def switched():
+        with apply_patch(task.patch, base, head=False):
+            return forward_with_heads(base, [task.head], [task.head_kind], slots, encoded)
+
+    runs = {"switching": switched, "sparse": lambda: forward_with_heads(sparse, [task.head], [task.head_kind],
+                                                                        slots, encoded)}
+    with torch.no_grad():
+        gap = float((runs["switching"]() - runs["sparse"]()).abs().max())
+    ms = {k: round(statistics.median(v), 4) for k, v in time_in_blocks(runs, repeats).items()}
+    return {"sparsity": sparsity, "rows": rows, "tokens": 64, "switching_ms": ms["switching"],
+            "sparse_ms": ms["sparse"], "speedup": round(ms["switching"] / ms["sparse"], 3),
+            "max_abs_logit_gap": gap, "build_s": round(build, 2), "file_bytes": file_bytes,
+            "loaded_bytes": loaded, "with_sparse_model_bytes": bank.task_bytes(task)}
+
+
 def memory(base, tasks: int, density: float) -> dict:
     from diffprune.serving import Engine, Request, TaskBank
     from diffprune.serving.synthetic import random_patch
@@ -190,6 +232,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.005)
     parser.add_argument("--repeats", type=int, default=20, help="Timed calls per measure (apply_revert: x10).")
     parser.add_argument("--mixed-shapes", nargs="+", default=["16x16", "64x64"], help="TASKSxROWS batches.")
+    parser.add_argument("--sparse-rows", nargs="+", type=int, default=[1, 8],
+                        help="sparse_task: rows of the one task's batch (64 tokens each).")
+    parser.add_argument("--sparsity", type=float, default=0.95, help="sparse_task: of every encoder Linear.")
     parser.add_argument("--memory-tasks", type=int, default=16)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--load-seconds", type=float, default=60.0)
@@ -217,6 +262,10 @@ def run(args) -> None:
         tasks, rows = (int(x) for x in shape.split("x"))
         plan.append(("mixed", {**common, "tasks": tasks, "rows": rows, "repeats": args.repeats, "timing": "blocks"},
                      lambda tasks=tasks, rows=rows: mixed(base, tasks, rows, args.density, args.repeats)))
+    for rows in args.sparse_rows if "sparse_task" in args.only else []:
+        plan.append(("sparse_task", {"threads": args.threads, "sparsity": args.sparsity, "rows": rows,
+                                     "repeats": args.repeats, "timing": "blocks"},
+                     lambda rows=rows: sparse_task(base, args.sparsity, rows, args.repeats)))
     if "memory" in args.only:
         plan.append(("memory", {**common, "tasks": args.memory_tasks},
                      lambda: memory(base, args.memory_tasks, args.density)))

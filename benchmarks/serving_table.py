@@ -56,6 +56,20 @@ def table(rows: list[dict]) -> str:
                 f"{load_note(r)} |"
                 for r in latest(rows, "mixed")]
         out.append("")
+    sparse = [r for r in rows if r.get("measure") == "sparse_task"]
+    if sparse:
+        out += ["A pruned task (every encoder Linear at the sparsity given, per matrix, random positions) by "
+                "switching onto the dense base and on its own sparse model (`diffprune serve --sparse`), one "
+                "batch of rows x 64 tokens, timed in blocks; memory: its patch file, the bank's copy of it, and "
+                "with the sparse model beside it (the tensors the patch leaves alone are the base's).", "",
+                "| sparsity | rows | threads | switching | sparse model | speed-up | largest logit gap | build | "
+                "file | loaded | with sparse model | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        newest = {(r["options"]["sparsity"], r["options"]["rows"], r["options"]["threads"]): r for r in sparse}
+        out += [f"| {r['sparsity']:g} | {r['rows']} | {r['options']['threads']} | {r['switching_ms']:.1f} ms | "
+                f"{r['sparse_ms']:.1f} ms | {r['speedup']:.2f}x | {r['max_abs_logit_gap']:.1e} | {r['build_s']:.1f} s | "
+                f"{r['file_bytes']:,} B | {r['loaded_bytes']:,} B | {r['with_sparse_model_bytes']:,} B | "
+                f"{load_note(r)} |" for r in newest.values()]
+        out.append("")
     if latest(rows, "memory"):
         out += ["Memory per loaded task against its patch file (fp16 values; goal ≤ 1.2x), the bytes of every "
                 "array and tensor the bank holds for it. Loaded: the compact form that mixed batches and "

@@ -16,7 +16,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from diffprune.patch.taskpatch import TaskPatch
 from diffprune.serving.heads import head_kind, head_problem
 from diffprune.serving.mixed import looked_up, mix_problem
 from diffprune.serving.pages import move_to_huge_pages
+from diffprune.serving.sparse_tasks import runtime_problem, sparse_task_model
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RUN_PATCH = "patch.safetensors"
@@ -73,6 +74,15 @@ class LoadedTask:
     max_length: int
     mix_problem: str | None  # why it cannot join a mixed batch (None: it can)
     head_kind: str = "model"
+    # why it does not run on the sparse runtime (None: it does, with the model made on first use)
+    sparse_problem: str | None = "the bank serves no task on the sparse runtime"
+    _sparse: tuple[BaseModel, int] | None = field(default=None, repr=False)
+
+    def sparse_model(self, base: BaseModel) -> BaseModel:
+        """The task's own model on the sparse runtime (sparse_tasks.py), made on first use."""
+        if self._sparse is None:
+            self._sparse = sparse_task_model(base, self.patch)
+        return self._sparse[0]
 
     @property
     def diffs(self) -> CompactDiffs | dict:
@@ -85,14 +95,16 @@ class LoadedTask:
         else:
             total = sum(d.positions.nbytes + d.values.nbytes for d in self.patch.diffs.values())
         heads = {id(t): t for t in (*self.head.values(), *self.patch.head.values())}  # each tensor once
-        return total + sum(t.nbytes for t in heads.values())
+        return total + sum(t.nbytes for t in heads.values()) + (self._sparse[1] if self._sparse else 0)
 
 
 class TaskBank:
     """The tasks served on one base, from the patch files in `folder`."""
 
-    def __init__(self, base: BaseModel, folder: str | Path, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+    def __init__(self, base: BaseModel, folder: str | Path, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 sparse_runtime: bool = False) -> None:
         self.base, self.folder = base, Path(folder).resolve()
+        self.sparse_runtime = sparse_runtime  # pruning patches run on their own sparse models
         if not self.folder.is_dir():
             raise DiffpruneError(f"patch folder '{folder}' does not exist")
         self.memory_bytes = memory_bytes
@@ -162,7 +174,9 @@ class TaskBank:
                 "labels": meta.get("labels"), "num_labels": meta.get("num_labels"),
                 "problem_type": meta.get("problem_type"), "head": meta.get("head") or "model", "file_bytes": reg.file_bytes,
                 "loaded": loaded is not None}
-        if loaded is not None:
+        if loaded is not None and loaded.sparse_problem is None:
+            info["served_by"] = "the sparse runtime"
+        elif loaded is not None:
             info["served_by"] = "switching" if loaded.mix_problem else "mixed batches or switching"
             if loaded.mix_problem:
                 info["why_switching"] = loaded.mix_problem
@@ -269,7 +283,10 @@ class TaskBank:
             dtype = VALUE_DTYPES.get(patch._value_dtype or "float32", torch.float32)
             diffs = CompactDiffs.of(patch.diffs, dtype, looked_up(patch.diffs, self._modules))
             patch = CompactPatch(diffs, head, meta, reg.name)
-        return LoadedTask(reg.name, patch, head, meta, num, labels, regression, length, mixing, kind)
+        task = LoadedTask(reg.name, patch, head, meta, num, labels, regression, length, mixing, kind)
+        if self.sparse_runtime and mixing is not None:
+            task.sparse_problem = runtime_problem(patch, self._modules)
+        return task
 
 
 def _read_meta(path: Path) -> dict:

@@ -25,7 +25,7 @@ def base_named_by(folder: Path) -> str | None:
 
 
 def build_server(patches: str, model: str | None, api_key: str | None, memory_mb: int, max_inputs: int,
-                 max_text_chars: int, max_wait_ms: float, max_batch_rows: int, mixed: bool):
+                 max_text_chars: int, max_wait_ms: float, max_batch_rows: int, mixed: bool, sparse: bool = False):
     from diffprune.base import load_base
     from diffprune.serving.app import Limits, create_app
     from diffprune.serving.bank import TaskBank
@@ -34,7 +34,7 @@ def build_server(patches: str, model: str | None, api_key: str | None, memory_mb
     if not folder.is_dir():
         raise DiffpruneError(f"patch folder '{patches}' does not exist")
     base = load_base(model or base_named_by(folder), 2)
-    bank = TaskBank(base, folder, memory_bytes=memory_mb * 2**20)
+    bank = TaskBank(base, folder, memory_bytes=memory_mb * 2**20, sparse_runtime=sparse)
     for name, reason in sorted(bank.refused.items()):
         click.echo(f"warning: not serving {name}: {reason}", err=True)
     limits = Limits(max_inputs=max_inputs, max_text_chars=max_text_chars)
@@ -61,13 +61,16 @@ def build_server(patches: str, model: str | None, api_key: str | None, memory_mb
 @click.option("--max-batch-rows", default=64, show_default=True, type=click.IntRange(min=1), help="Inputs per batch.")
 @click.option("--mixed/--no-mixed", default=True, show_default=True,
               help="Run the rows of several tasks in one forward (else: one task at a time, by switching).")
+@click.option("--sparse/--no-sparse", default=False, show_default=True,
+              help="Run tasks whose patches prune Linear weights (mask, sparse model) on their own sparse models "
+                   "(faster on the CPU; each holds its kept weights) instead of switching them onto the dense base.")
 def serve_command(patches, model, host, port, api_key, memory_mb, max_inputs, max_text_chars, max_wait_ms,
-                  max_batch_rows, mixed) -> None:
+                  max_batch_rows, mixed, sparse) -> None:
     """Serve every patch in a folder over HTTP, on one shared base (OpenAPI schema at /docs)."""
     from diffprune.cli import _run
 
     app, bank = _run(build_server, patches, model, api_key, memory_mb, max_inputs, max_text_chars, max_wait_ms,
-                     max_batch_rows, mixed)
+                     max_batch_rows, mixed, sparse)
     import uvicorn
 
     click.echo(f"serving {len(bank.names())} tasks on {bank.base.name} at http://{host}:{port} "

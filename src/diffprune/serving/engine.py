@@ -3,8 +3,9 @@
 A batch's requests are grouped: the rows of every task that can join a mixed batch run in one
 forward with no patch applied (mixed.py); a task alone in its batch, or one whose patch cannot
 join (mask and sparse-model patches), runs by switching: its patch applied in place with the
-model's head left alone, the batch run, the patch reverted (apply.py). Either way every row runs
-with its own task's head (heads.py).
+model's head left alone, the batch run, the patch reverted (apply.py); or, where the bank serves
+pruning patches on the sparse runtime, on the task's own sparse model (sparse_tasks.py). Every
+row runs with its own task's head (heads.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Engine:
 
     def __init__(self, bank: TaskBank, mixed: bool = True) -> None:
         self.bank, self.mixed = bank, mixed
-        self.switches = self.mixed_batches = 0  # how batches ran, for the metrics
+        self.switches = self.mixed_batches = self.sparse_batches = 0  # how batches ran, for the metrics
 
     def run(self, requests: list[Request]) -> list[list[dict] | DiffpruneError]:
         """Each request's predictions, or the error that stopped it (an unknown task, a patch
@@ -71,7 +72,10 @@ class Engine:
         encoded = {k: v.to(device) for k, v in encoded.items()}
         heads, kinds = [t.head for t in slots], [t.head_kind for t in slots]
         with torch.no_grad():
-            if len(slots) == 1:
+            if len(slots) == 1 and slots[0].sparse_problem is None:
+                self.sparse_batches += 1
+                logits = forward_with_heads(slots[0].sparse_model(base), heads, kinds, row_slots, encoded)
+            elif len(slots) == 1:
                 self.switches += 1
                 with apply_patch(slots[0].patch, base, head=False):
                     logits = forward_with_heads(base, heads, kinds, row_slots, encoded)

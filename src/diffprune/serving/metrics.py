@@ -42,6 +42,7 @@ class Metrics:
     def render(self, engine) -> tuple[bytes, str]:
         self.forwards.labels("switching").set(engine.switches)
         self.forwards.labels("mixed").set(engine.mixed_batches)
+        self.forwards.labels("sparse").set(engine.sparse_batches)
         self.tasks.set(len(self.bank.names()))
         self.loaded.set(len(self.bank.loaded_names()))
         self.loaded_bytes.set(self.bank.loaded_bytes())

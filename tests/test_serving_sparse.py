@@ -1,0 +1,75 @@
+"""Pruning patches served on their own sparse models (TaskBank(sparse_runtime=True)): the same
+predictions as switching, the base untouched, the base's tensors shared, the memory counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_bert
+from diffprune.base import load_base
+from diffprune.serving import Engine, Request, TaskBank
+from diffprune.serving.synthetic import random_patch
+from diffprune.sparse import SparseLinear
+
+TEXTS = ["hello world", ("a pair of", "sentences here"), "another longer sentence with more words in it"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return load_base(str(tiny_bert(tmp_path_factory.mktemp("sparse-serving") / "m", dropout=0.0)), 2)
+
+
+def encoder_weights(base) -> list[str]:
+    modules = dict(base.model.named_modules())
+    return [n for n in base.base_names if n.startswith("bert.encoder.") and n.endswith(".weight")
+            and isinstance(modules[n.rpartition(".")[0]], nn.Linear)]
+
+
+@pytest.fixture
+def folder(tmp_path, base):
+    weights = encoder_weights(base)
+    random_patch(base, 0.1, 3, seed=1, kind="sparse", tensors=weights, task="sparse").save(tmp_path / "sp.safetensors")
+    random_patch(base, 0.5, 2, seed=2, kind="mask", tensors=weights[:3], task="mask").save(tmp_path / "ma.safetensors")
+    random_patch(base, 0.05, 1, seed=3, regression=True, task="add").save(tmp_path / "add.safetensors")
+    norms = [n for n in base.base_names if "LayerNorm.weight" in n]
+    random_patch(base, 0.5, 2, seed=4, kind="mask", tensors=norms, task="norms").save(tmp_path / "no.safetensors")
+    return tmp_path
+
+
+def predictions(bank: TaskBank) -> tuple[Engine, list]:
+    engine = Engine(bank)
+    return engine, engine.run([Request(name, TEXTS) for name in ("sp", "ma", "add", "no")])
+
+
+def test_a_pruning_patch_runs_on_its_own_sparse_model_as_it_runs_switched(folder, base):
+    before = {n: t.clone() for n, t in base.model.state_dict().items()}
+    _, switched = predictions(TaskBank(base, folder))
+    engine, sparse = predictions(bank := TaskBank(base, folder, sparse_runtime=True))
+    assert engine.sparse_batches == 2 and engine.switches == 2  # "add" alone switches, as "no" (norms only)
+    for ours, theirs in zip(sparse, switched):
+        for a, b in zip(ours, theirs):
+            got, want = (a["value"], b["value"]) if "value" in a else (list(a["scores"].values()),
+                                                                     list(b["scores"].values()))
+            assert got == pytest.approx(want, abs=1e-5)
+    assert bank.describe("sp")["served_by"] == bank.describe("ma")["served_by"] == "the sparse runtime"
+    assert bank.get("no").sparse_problem == "it prunes no Linear weight"
+    assert bank.get("add").sparse_problem is not None  # mixable: never on a sparse model of its own
+    assert all(torch.equal(t, before[n]) for n, t in base.model.state_dict().items())
+
+
+def test_the_sparse_model_shares_what_the_patch_leaves_alone_and_counts_the_rest(folder, base):
+    bank = TaskBank(base, folder, sparse_runtime=True)
+    task = bank.get("sp")
+    unloaded = bank.task_bytes(task)
+    model = task.sparse_model(base).model
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == len(encoder_weights(base))  # at 90% every pruned Linear is sparse here
+    ours, theirs = dict(model.named_parameters()), dict(base.model.named_parameters())
+    shared = [n for n in ours if n in theirs and ours[n] is theirs[n]]
+    assert "bert.embeddings.word_embeddings.weight" in shared and "classifier.weight" in shared
+    assert all(ours[n] is theirs[n] for n in ours if n not in set(bank.get("sp").patch.diffs))
+    kept = sum(m.weight_bytes() for m in sparse)
+    assert bank.task_bytes(task) - unloaded == kept
+    assert kept < 0.25 * sum(theirs[n].nbytes for n in encoder_weights(base))
