@@ -17,8 +17,13 @@ TEXTS = ["hello world", ("a pair of", "sentences here"), "another longer sentenc
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return load_base(str(tiny_bert(tmp_path_factory.mktemp("sparse-serving") / "m", dropout=0.0)), 2)
+def model_dir(tmp_path_factory) -> str:
+    return str(tiny_bert(tmp_path_factory.mktemp("sparse-serving") / "m", dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def base(model_dir):
+    return load_base(model_dir, 2)
 
 
 def encoder_weights(base) -> list[str]:
@@ -73,3 +78,16 @@ def test_the_sparse_model_shares_what_the_patch_leaves_alone_and_counts_the_rest
     kept = sum(m.weight_bytes() for m in sparse)
     assert bank.task_bytes(task) - unloaded == kept
     assert kept < 0.25 * sum(theirs[n].nbytes for n in encoder_weights(base))
+
+
+def test_serve_sparse_runs_the_pruned_tasks_on_their_sparse_models(folder, model_dir):
+    from fastapi.testclient import TestClient
+
+    from diffprune.serving.cli import build_server
+
+    app, bank = build_server(str(folder), model_dir, None, 64, 8, 200, 1.0, 16, True, True)
+    with TestClient(app) as client:
+        answer = client.post("/tasks/sp/predict", json={"inputs": ["a text", ["a pair", "of texts"]]})
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
+        assert client.get("/tasks/sp").json()["served_by"] == "the sparse runtime"
+        assert 'diffprune_forwards{how="sparse"} 1.0' in client.get("/metrics").text
