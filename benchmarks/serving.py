@@ -183,14 +183,14 @@ def sparse_task(base, sparsity: float, rows: int, repeats: int) -> dict:
         file_bytes = (Path(folder) / "t.safetensors").stat().st_size
         bank = TaskBank(base, folder, sparse_runtime=True)
         task = bank.get("t")
-    loaded = bank.task_bytes(task)
+    loaded, patch = bank.task_bytes(task), task.patch  # (the task drops its patch once its sparse model is made)
     start = time.perf_counter()
     sparse = task.sparse_model(base)
     build = time.perf_counter() - start
     encoded, slots = batch_of(base, rows), torch.zeros(rows, dtype=torch.int64)
 
     def switched():
-        with apply_patch(task.patch, base, head=False):
+        with apply_patch(patch, base, head=False):
             return forward_with_heads(base, [task.head], [task.head_kind], slots, encoded)
 
     runs = {"switching": switched, "sparse": lambda: forward_with_heads(sparse, [task.head], [task.head_kind],

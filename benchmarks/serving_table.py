@@ -60,10 +60,11 @@ def table(rows: list[dict]) -> str:
     if sparse:
         out += ["A pruned task (every encoder Linear at the sparsity given, per matrix, random positions) by "
                 "switching onto the dense base and on its own sparse model (`diffprune serve --sparse`), one "
-                "batch of rows x 64 tokens, timed in blocks; memory: its patch file, the bank's copy of it, and "
-                "with the sparse model beside it (the tensors the patch leaves alone are the base's).", "",
+                "batch of rows x 64 tokens, timed in blocks; memory: its patch file, what the bank holds to switch "
+                "it, and what it holds on its sparse model (the kept weights and the head: every tensor the patch "
+                "leaves alone is the base's, and the patch is dropped once the sparse model is made).", "",
                 "| sparsity | rows | threads | switching | sparse model | speed-up | largest logit gap | build | "
-                "file | loaded | with sparse model | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "file | held to switch | held on its sparse model | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         newest = {(r["options"]["sparsity"], r["options"]["rows"], r["options"]["threads"]): r for r in sparse}
         out += [f"| {r['sparsity']:g} | {r['rows']} | {r['options']['threads']} | {r['switching_ms']:.1f} ms | "
                 f"{r['sparse_ms']:.1f} ms | {r['speedup']:.2f}x | {r['max_abs_logit_gap']:.1e} | {r['build_s']:.1f} s | "

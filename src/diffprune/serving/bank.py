@@ -82,6 +82,8 @@ class LoadedTask:
         """The task's own model on the sparse runtime (sparse_tasks.py), made on first use."""
         if self._sparse is None:
             self._sparse = sparse_task_model(base, self.patch)
+            # never switched from now on: its changes, and what switching prepared for them, can go
+            self.patch = TaskPatch({}, self.patch.head, self.patch.meta)
         return self._sparse[0]
 
     @property
@@ -94,7 +96,7 @@ class LoadedTask:
             total = self.patch.diffs.nbytes
         else:
             total = sum(d.positions.nbytes + d.values.nbytes for d in self.patch.diffs.values())
-        heads = {id(t): t for t in (*self.head.values(), *self.patch.head.values())}  # each tensor once
+        heads = {t.data_ptr(): t for t in (*self.head.values(), *self.patch.head.values())}  # each tensor once
         return total + sum(t.nbytes for t in heads.values()) + (self._sparse[1] if self._sparse else 0)
 
 
