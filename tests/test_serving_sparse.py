@@ -94,3 +94,18 @@ def test_serve_sparse_runs_the_pruned_tasks_on_their_sparse_models(folder, model
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
         assert client.get("/tasks/sp").json()["served_by"] == "the sparse runtime"
         assert 'diffprune_forwards{how="sparse"} 1.0' in client.get("/metrics").text
+
+
+def test_the_memory_bound_counts_a_sparse_model_once_it_is_made(folder, base, monkeypatch):
+    import diffprune.serving.bank as bank_module
+
+    made = bank_module.sparse_task_model  # the real model, said to hold 1 GB: more than the bound leaves
+    monkeypatch.setattr(bank_module, "sparse_task_model", lambda b, p: (made(b, p)[0], 2**30))
+    bank = TaskBank(base, folder, sparse_runtime=True)
+    engine = Engine(bank)
+    engine.run([Request("add", TEXTS)])
+    bank.get("ma")  # loaded, its sparse model not made yet
+    bank.memory_bytes = bank.loaded_bytes()  # room for both as they are
+    assert bank.loaded_names() == ["add", "ma"]
+    engine.run([Request("ma", TEXTS)])
+    assert bank.loaded_names() == ["ma"]  # made, counted: the other task left

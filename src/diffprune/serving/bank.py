@@ -78,6 +78,10 @@ class LoadedTask:
     sparse_problem: str | None = "the bank serves no task on the sparse runtime"
     _sparse: tuple[BaseModel, int] | None = field(default=None, repr=False)
 
+    @property
+    def has_sparse_model(self) -> bool:
+        return self._sparse is not None
+
     def sparse_model(self, base: BaseModel) -> BaseModel:
         """The task's own model on the sparse runtime (sparse_tasks.py), made on first use."""
         if self._sparse is None:
@@ -200,6 +204,16 @@ class TaskBank:
                 self._loaded.move_to_end(name)
                 self._evict(keep=name)
         return task
+
+    def sparse_model(self, task: LoadedTask) -> BaseModel:
+        """The task's model on the sparse runtime, made on first use; the memory bound then
+        counts it (the least recently used other tasks leave if it needs their room)."""
+        made = task.has_sparse_model
+        model = task.sparse_model(self.base)
+        if not made:
+            with self._lock:
+                self._evict(keep=task.name)
+        return model
 
     def loaded_names(self) -> list[str]:
         with self._lock:

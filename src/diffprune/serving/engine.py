@@ -74,7 +74,7 @@ class Engine:
         with torch.no_grad():
             if len(slots) == 1 and slots[0].sparse_problem is None:
                 self.sparse_batches += 1
-                logits = forward_with_heads(slots[0].sparse_model(base), heads, kinds, row_slots, encoded)
+                logits = forward_with_heads(self.bank.sparse_model(slots[0]), heads, kinds, row_slots, encoded)
             elif len(slots) == 1:
                 self.switches += 1
                 with apply_patch(slots[0].patch, base, head=False):
