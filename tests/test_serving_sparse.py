@@ -41,25 +41,29 @@ def folder(tmp_path, base):
     random_patch(base, 0.05, 1, seed=3, regression=True, task="add").save(tmp_path / "add.safetensors")
     norms = [n for n in base.base_names if "LayerNorm.weight" in n]
     random_patch(base, 0.5, 2, seed=4, kind="mask", tensors=norms, task="norms").save(tmp_path / "no.safetensors")
+    # a distilled student's form: pruned matrices, and added changes to the dense tensors
+    pruned = random_patch(base, 0.1, 2, seed=5, kind="sparse", tensors=weights, task="distil")
+    added = random_patch(base, 0.05, 2, seed=6, tensors=[n for n in base.base_names if n not in weights])
+    TaskPatch({**pruned.diffs, **added.diffs}, pruned.head, pruned.meta).save(tmp_path / "dl.safetensors")
     return tmp_path
 
 
 def predictions(bank: TaskBank) -> tuple[Engine, list]:
     engine = Engine(bank)
-    return engine, engine.run([Request(name, TEXTS) for name in ("sp", "ma", "add", "no")])
+    return engine, engine.run([Request(name, TEXTS) for name in ("sp", "ma", "add", "no", "dl")])
 
 
 def test_a_pruning_patch_runs_on_its_own_sparse_model_as_it_runs_switched(folder, base):
     before = {n: t.clone() for n, t in base.model.state_dict().items()}
     _, switched = predictions(TaskBank(base, folder))
     engine, sparse = predictions(bank := TaskBank(base, folder, sparse_runtime=True))
-    assert engine.sparse_batches == 2 and engine.switches == 2  # "add" alone switches, as "no" (norms only)
+    assert engine.sparse_batches == 3 and engine.switches == 2  # "add" alone switches, as "no" (norms only)
     for ours, theirs in zip(sparse, switched):
         for a, b in zip(ours, theirs):
             got, want = (a["value"], b["value"]) if "value" in a else (list(a["scores"].values()),
                                                                      list(b["scores"].values()))
             assert got == pytest.approx(want, abs=1e-5)
-    assert bank.describe("sp")["served_by"] == bank.describe("ma")["served_by"] == "the sparse runtime"
+    assert {bank.describe(n)["served_by"] for n in ("sp", "ma", "dl")} == {"the sparse runtime"}
     assert bank.get("no").sparse_problem == "it prunes no Linear weight"
     assert bank.get("add").sparse_problem is not None  # mixable: never on a sparse model of its own
     assert all(torch.equal(t, before[n]) for n, t in base.model.state_dict().items())
@@ -109,3 +113,12 @@ def test_the_memory_bound_counts_a_sparse_model_once_it_is_made(folder, base, mo
     assert bank.loaded_names() == ["add", "ma"]
     engine.run([Request("ma", TEXTS)])
     assert bank.loaded_names() == ["ma"]  # made, counted: the other task left
+
+
+def test_a_students_changed_dense_tensors_are_its_own(folder, base):
+    bank = TaskBank(base, folder, sparse_runtime=True)
+    model = bank.sparse_model(bank.get("dl")).model
+    ours, theirs = dict(model.named_parameters()), dict(base.model.named_parameters())
+    emb = "bert.embeddings.word_embeddings.weight"
+    added = TaskPatch.load(folder / "dl.safetensors").dense_diff(emb)
+    assert ours[emb] is not theirs[emb] and torch.equal(ours[emb], theirs[emb] + added)
