@@ -64,10 +64,11 @@ def table(rows: list[dict]) -> str:
                 "it, and what it holds on its sparse model (the kept weights and the head: every tensor the patch "
                 "leaves alone is the base's, and the patch is dropped once the sparse model is made).", "",
                 "| sparsity | rows | threads | switching | sparse model | speed-up | largest logit gap | build | "
-                "file | held to switch | held on its sparse model | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "file | held to switch | held on its sparse model | load |", "|---" * 12 + "|"]
         newest = {(r["options"]["sparsity"], r["options"]["rows"], r["options"]["threads"]): r for r in sparse}
         out += [f"| {r['sparsity']:g} | {r['rows']} | {r['options']['threads']} | {r['switching_ms']:.1f} ms | "
-                f"{r['sparse_ms']:.1f} ms | {r['speedup']:.2f}x | {r['max_abs_logit_gap']:.1e} | {r['build_s']:.1f} s | "
+                f"{r['sparse_ms']:.1f} ms | {r['speedup']:.2f}x | {r['max_abs_logit_gap']:.1e} | "
+                f"{r['build_s']:.1f} s | "
                 f"{r['file_bytes']:,} B | {r['loaded_bytes']:,} B | {r['with_sparse_model_bytes']:,} B | "
                 f"{load_note(r)} |" for r in newest.values()]
         out.append("")
