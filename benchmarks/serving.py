@@ -171,13 +171,12 @@ def sparse_task(base, sparsity: float, rows: int, repeats: int) -> dict:
     positions: the kernel's speed depends on the count) run by switching onto the dense base and
     on its own sparse model (TaskBank(sparse_runtime=True)), one batch of `rows` x 64 tokens."""
     from diffprune.patch.apply import apply_patch
+    from diffprune.pruning.targets import encoder_linear_weights
     from diffprune.serving import TaskBank
     from diffprune.serving.heads import forward_with_heads
     from diffprune.serving.synthetic import random_patch
 
-    modules = dict(base.model.named_modules())
-    weights = [n for n in base.base_names if n.startswith(f"{base.model.base_model_prefix}.encoder.")
-               and n.endswith(".weight") and isinstance(modules[n.rpartition(".")[0]], torch.nn.Linear)]
+    weights = encoder_linear_weights(base.model)  # what the pruning methods prune
     with tempfile.TemporaryDirectory() as folder:
         random_patch(base, 1 - sparsity, 2, kind="sparse", tensors=weights).save(Path(folder) / "t.safetensors")
         file_bytes = (Path(folder) / "t.safetensors").stat().st_size

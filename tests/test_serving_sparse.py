@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import tiny_bert
 from diffprune.base import load_base
 from diffprune.patch import TaskPatch
+from diffprune.pruning.targets import encoder_linear_weights
 from diffprune.serving import Engine, Request, TaskBank
 from diffprune.serving.synthetic import random_patch
 from diffprune.sparse import SparseLinear
@@ -27,15 +27,9 @@ def base(model_dir):
     return load_base(model_dir, 2)
 
 
-def encoder_weights(base) -> list[str]:
-    modules = dict(base.model.named_modules())
-    return [n for n in base.base_names if n.startswith("bert.encoder.") and n.endswith(".weight")
-            and isinstance(modules[n.rpartition(".")[0]], nn.Linear)]
-
-
 @pytest.fixture
 def folder(tmp_path, base):
-    weights = encoder_weights(base)
+    weights = encoder_linear_weights(base.model)
     random_patch(base, 0.1, 3, seed=1, kind="sparse", tensors=weights, task="sparse").save(tmp_path / "sp.safetensors")
     random_patch(base, 0.5, 2, seed=2, kind="mask", tensors=weights[:3], task="mask").save(tmp_path / "ma.safetensors")
     random_patch(base, 0.05, 1, seed=3, regression=True, task="add").save(tmp_path / "add.safetensors")
@@ -75,7 +69,7 @@ def test_the_sparse_model_shares_what_the_patch_leaves_alone_and_counts_the_rest
     unloaded = bank.task_bytes(task)
     model = task.sparse_model(base).model
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert len(sparse) == len(encoder_weights(base))  # at 90% every pruned Linear is sparse here
+    assert len(sparse) == len(encoder_linear_weights(base.model))  # at 90% every pruned Linear is sparse here
     ours, theirs = dict(model.named_parameters()), dict(base.model.named_parameters())
     shared = [n for n in ours if n in theirs and ours[n] is theirs[n]]
     assert "bert.embeddings.word_embeddings.weight" in shared and "classifier.weight" in shared
@@ -84,7 +78,7 @@ def test_the_sparse_model_shares_what_the_patch_leaves_alone_and_counts_the_rest
     kept = sum(m.weight_bytes() for m in sparse)
     heads = sum(t.nbytes for t in task.head.values())
     assert bank.task_bytes(task) == kept + heads < unloaded  # the patch's changes are dropped once built
-    assert kept < 0.25 * sum(theirs[n].nbytes for n in encoder_weights(base))
+    assert kept < 0.25 * sum(theirs[n].nbytes for n in encoder_linear_weights(base.model))
 
 
 def test_serve_sparse_runs_the_pruned_tasks_on_their_sparse_models(folder, model_dir):
